@@ -1,0 +1,1 @@
+"""Kafka consumers: pure message processing per consumer, one shared runner."""

@@ -1,0 +1,162 @@
+--[[ claim.lua: claim slots of one release for a batch of persons, atomically.
+
+KEYS (all under the release's hash tag {R}, so one Redis Cluster slot):
+  1 meta      hash  opens_ms closes_ms state waves min_age max_age sex slots left
+                    code_next code_end
+  2 cap       hash  slot_id -> capacity
+  3 taken     hash  slot_id -> active claims
+  4 slotday   hash  slot_id -> visit day YYYYMMDD
+  5 holders   hash  person_id -> claim_id
+  6 claims    hash  claim_id -> claim JSON
+  7 codes     hash  code -> claim_id
+  8 idem      hash  "account_id:key" -> claim_id
+  9 outbox    stream of events (field e: event JSON)
+
+ARGV:
+  1 release_id
+  2..5 code permutation keys (integers below 10^6, from the server's code secret)
+  6 n, the number of claims in this batch
+  then 7 values per claim: claim_id account_id person_id slot_id ("" = any slot)
+                           idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
+
+Reply: a flat array, two values per claim, in order:
+  "ok", claim JSON          claimed now
+  "replay", claim JSON      the idempotency key was seen: the earlier claim, nothing taken
+  "already_claimed", JSON   the person already holds a claim in this release
+  "not_open", opens_ms | "paused", "" | "closed", "" | "not_found", ""
+  "sold_out", next_wave_ms or ""   (next wave: stock is left but not yet released)
+  "unknown_slot", "" | "not_eligible", reason | "codes_exhausted", ""
+
+Guarantees: every check runs before the first write of a claim (Redis does not roll back
+a script that fails half-way); a slot's taken count never exceeds its released share of
+capacity; a person holds at most one active claim per release; every write of a claim
+(stock, holder, claim, code, idempotency key, outbox event) happens together or not at
+all. The clock is Redis TIME: one clock for every gateway. Cost per claim is O(1) except
+the any-slot search, which is O(slots of the release).
+]]
+
+local meta, cap, taken, slotday, holders, claims, codes, idem, outbox =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+
+local release_id = ARGV[1]
+local k1, k2, k3, k4 = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local reply = {}
+
+local m = redis.call('HMGET', meta, 'opens_ms', 'closes_ms', 'state', 'waves', 'min_age',
+  'max_age', 'sex', 'slots')
+if not m[1] then
+  for _ = 1, n do
+    reply[#reply + 1] = 'not_found'; reply[#reply + 1] = ''
+  end
+  return reply
+end
+
+local opens, closes, state = tonumber(m[1]), tonumber(m[2]), m[3]
+local min_age, max_age, need_sex = tonumber(m[5]), tonumber(m[6]), m[7]
+
+-- Window status, the same for every claim of the batch.
+local window, window_arg = 'open', ''
+if state == 'closed' or now >= closes then
+  window = 'closed'
+elseif now < opens then
+  window, window_arg = 'not_open', tostring(opens)
+elseif state == 'paused' then
+  window = 'paused'
+end
+
+-- Released share of capacity (parts per million) and the next wave's time.
+-- waves = "t1,ppm1,t2,ppm2,...": cumulative share released at each time.
+local released_ppm, next_wave = 0, ''
+for wt, ppm in string.gmatch(m[4], '(%d+),(%d+)') do
+  if tonumber(wt) <= now then
+    released_ppm = tonumber(ppm)
+  elseif next_wave == '' then
+    next_wave = wt
+  end
+end
+
+local function available(slot)
+  local c = tonumber(redis.call('HGET', cap, slot) or '-1')
+  if c < 0 then return nil end
+  local released = math.floor(c * released_ppm / 1000000)
+  return released - tonumber(redis.call('HGET', taken, slot) or '0')
+end
+
+-- Keyed permutation of [0, 10^8): a balanced Feistel network on two 4-digit halves.
+-- Sequence numbers are unique across releases (blocks from PostgreSQL), so are codes;
+-- neighbours in the sequence give unrelated codes.
+local function code_for(seq)
+  local hi, lo = math.floor(seq / 10000), seq % 10000
+  local keys = {k1, k2, k3, k4, k1 + k3, k2 + k4}
+  for r = 1, 6 do
+    local k = keys[r]
+    local f = ((lo * 7919 + k) % 1000003) * ((lo + k * 31 + r) % 9973) % 10000
+    hi, lo = lo, (hi + f) % 10000
+  end
+  return string.format('%08d', hi * 10000 + lo)
+end
+
+local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex)
+  local idem_field = account_id .. ':' .. ikey
+  if ikey ~= '' then
+    local earlier = redis.call('HGET', idem, idem_field)
+    if earlier then return 'replay', redis.call('HGET', claims, earlier) end
+  end
+  if window ~= 'open' then return window, window_arg end
+  local held = redis.call('HGET', holders, person_id)
+  if held then return 'already_claimed', redis.call('HGET', claims, held) end
+  if need_sex ~= '' and sex ~= need_sex then return 'not_eligible', 'sex' end
+
+  if slot ~= '' then
+    local left = available(slot)
+    if left == nil then return 'unknown_slot', '' end
+    if left <= 0 then return 'sold_out', next_wave end
+  else
+    for s in string.gmatch(m[8], '[^,]+') do
+      if available(s) > 0 then slot = s; break end
+    end
+    if slot == '' then return 'sold_out', next_wave end
+  end
+
+  -- Age in whole years on the visit day: YYYYMMDD arithmetic does it exactly.
+  local day = tonumber(redis.call('HGET', slotday, slot))
+  local age = math.floor((day - tonumber(birth)) / 10000)
+  if (min_age >= 0 and age < min_age) or (max_age >= 0 and age > max_age) then
+    return 'not_eligible', 'age'
+  end
+
+  local seq_range = redis.call('HMGET', meta, 'code_next', 'code_end')
+  local seq = tonumber(seq_range[1])
+  if seq >= tonumber(seq_range[2]) then return 'codes_exhausted', '' end
+
+  -- All checks passed: write everything.
+  local code = code_for(seq)
+  local claim = cjson.encode({
+    claim_id = claim_id, code = code, release_id = release_id, slot_id = slot,
+    person_id = person_id, account_id = account_id, status = 'confirmed',
+    claimed_at_ms = now,
+  })
+  redis.call('HINCRBY', meta, 'code_next', 1)
+  redis.call('HINCRBY', meta, 'left', -1)
+  redis.call('HINCRBY', taken, slot, 1)
+  redis.call('HSET', claims, claim_id, claim)
+  redis.call('HSET', holders, person_id, claim_id)
+  redis.call('HSET', codes, code, claim_id)
+  if ikey ~= '' then redis.call('HSET', idem, idem_field, claim_id) end
+  redis.call('XADD', outbox, '*', 'type', 'claim.confirmed', 'e', claim)
+  return 'ok', claim
+end
+
+for i = 0, n - 1 do
+  local b = 7 + i * 7
+  local status, payload = claim_one(ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
+    ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
+  reply[#reply + 1] = status
+  reply[#reply + 1] = payload
+end
+return reply

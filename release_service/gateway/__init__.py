@@ -1,0 +1,1 @@
+"""The HTTP gateway (aiohttp): resident, admin and operations endpoints."""

@@ -1,0 +1,96 @@
+"""`create_app(settings)`: wires settings, routes, middleware and one cleanup context per
+resource. Nothing else happens here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..catalog import ReleaseCatalog
+from ..claim_batcher import ClaimBatcher
+from ..claim_script import ClaimScript
+from ..db import connect_pool
+from ..redis_client import redis_from_url
+from ..relay import run_relay
+from ..settings import Settings
+from ..tokens import TokenCodec
+from . import claims, health, releases
+from .appkeys import CATALOG, CLAIMS, DATABASE, KAFKA_PROBE, REDIS, SETTINGS, TOKENS
+from .middleware import problems
+from .probes import KafkaProbe
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = redis_from_url(settings.redis_url)
+    await redis.ping()
+    app[REDIS] = redis
+    yield
+    await redis.aclose()
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = await connect_pool(app[SETTINGS])
+    app[DATABASE] = pool
+    yield
+    await pool.close()
+
+
+async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    catalog = ReleaseCatalog(app[REDIS], app[SETTINGS].release_view_refresh_seconds)
+    await catalog.refresh()
+    app[CATALOG] = catalog
+    tasks = [asyncio.create_task(catalog.run()), asyncio.create_task(catalog.listen())]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def claims_ctx(app: web.Application) -> AsyncIterator[None]:
+    script = ClaimScript(app[REDIS], app[SETTINGS].code_secret)
+    batcher = ClaimBatcher(script)
+    app[CLAIMS] = batcher
+    yield
+    # Script calls already sent have taken stock: let them finish before Redis closes.
+    await batcher.drain()
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With `relay_in_gateway`, this process also relays its outboxes to Kafka."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(run_relay(app[SETTINGS], stopping))
+    yield
+    stopping.set()
+    await task
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[problems], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[TOKENS] = TokenCodec(settings.token_secret, settings.token_ttl_seconds)
+    app[KAFKA_PROBE] = KafkaProbe(settings.kafka_bootstrap)
+    # Order matters: each context may use the ones before it; cleanup runs in reverse.
+    app.cleanup_ctx.extend([redis_ctx, database_ctx, catalog_ctx, claims_ctx])
+    if settings.relay_in_gateway:
+        app.cleanup_ctx.append(relay_ctx)
+
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+
+    app.router.add_get("/v1/releases", releases.list_releases)
+    app.router.add_get("/v1/releases/{release_id}", releases.get_release)
+    app.router.add_post("/v1/releases/{release_id}/claims", claims.post_claim)
+
+    app.router.add_post("/v1/admin/releases", releases.admin_create_release)
+    app.router.add_get("/v1/admin/releases/{release_id}", releases.admin_get_release)
+    app.router.add_post("/v1/admin/releases/{release_id}/pause", releases.admin_pause)
+    app.router.add_post("/v1/admin/releases/{release_id}/resume", releases.admin_resume)
+    app.router.add_post("/v1/admin/releases/{release_id}/close", releases.admin_close)
+    return app

@@ -1,0 +1,146 @@
+"""POST /v1/releases/{release_id}/claims: the hot path.
+
+Order of work is cheapest-first: token (cached HMAC), local release view (no Redis),
+body, then one shared script call per event-loop tick. No PostgreSQL, no extra Redis
+round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import errors
+from ..claim_script import ClaimOutcome, ClaimRequest
+from ..metrics import CLAIMS as CLAIM_RESULTS
+from ..releases import add_code_block
+from ..tokens import Principal
+from .appkeys import CATALOG, CLAIMS, DATABASE, REDIS, SETTINGS
+from .auth import resident
+from .bodies import read_json_object
+
+MAX_IDEMPOTENCY_KEY = 128
+MAX_ID = 64
+
+
+def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
+    """The API's claim object from the script's claim record."""
+    claimed_at = datetime.fromtimestamp(claim["claimed_at_ms"] / 1000, tz=zone)
+    return {
+        "claim_id": claim["claim_id"],
+        "code": claim["code"],
+        "release_id": claim["release_id"],
+        "slot_id": claim["slot_id"],
+        "person_id": claim["person_id"],
+        "status": claim["status"],
+        "claimed_at": claimed_at.isoformat(timespec="milliseconds"),
+    }
+
+
+def _text_field(data: dict[str, Any], name: str, required: bool) -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise errors.InvalidInput(f"{name} is required", field=name)
+        return ""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID or not value.isprintable():
+        raise errors.InvalidInput(f"{name} must be a non-empty string of at most {MAX_ID} "
+                                  "printable characters", field=name)
+    return value
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise errors.InvalidInput(
+            f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} printable characters")
+    return key
+
+
+def _refusal(outcome: ClaimOutcome, release_id: str) -> errors.ServiceError:
+    status, detail = outcome.status, outcome.detail
+    if status == "sold_out":
+        if detail:
+            return errors.SoldOut("this wave is sold out; more stock opens with the next wave",
+                                  next_wave_at_ms=int(detail))
+        return errors.SoldOut(f"release {release_id} is sold out")
+    if status == "already_claimed":
+        return errors.AlreadyClaimed("this person already holds a claim in this release")
+    if status == "not_open":
+        return errors.NotOpen("the release is not open yet", opens_at_ms=int(detail))
+    if status == "paused":
+        return errors.Paused("the release is paused", retry_after=5)
+    if status == "closed":
+        return errors.Closed("the release is closed")
+    if status == "not_eligible":
+        return errors.NotEligible(f"not eligible for this vaccine ({detail})", reason=detail)
+    if status == "unknown_slot":
+        return errors.NotFound("no such slot in this release", field="slot_id")
+    if status == "not_found":
+        return errors.NotFound(f"no release {release_id}")
+    return errors.Unavailable(f"claim refused ({status}); try again", retry_after=1)
+
+
+async def post_claim(request: web.Request) -> web.Response:
+    app = request.app
+    principal: Principal = resident(request)
+    release_id = request.match_info["release_id"]
+    idempotency_key = _idempotency_key(request)
+
+    view = app[CATALOG].get(release_id)
+    if view is None:
+        CLAIM_RESULTS.labels("not_found").inc()
+        raise errors.NotFound(f"no release {release_id}")
+    # A keyed request may be the retry of a claim that already won: only the script can
+    # tell, so it is never refused locally.
+    if not idempotency_key:
+        refusal = view.refusal(app[CATALOG].now_ms())
+        if refusal is not None:
+            CLAIM_RESULTS.labels(refusal.code).inc()
+            raise refusal
+
+    data = await read_json_object(request)
+    person_id = _text_field(data, "person_id", required=True)
+    slot_id = _text_field(data, "slot_id", required=False)
+    grant = principal.persons.get(person_id)
+    if grant is None:
+        CLAIM_RESULTS.labels("not_your_person").inc()
+        raise errors.NotYourPerson("this account may not book for that person")
+
+    claim_id = os.urandom(12).hex()
+    outcome = await app[CLAIMS].submit(release_id, ClaimRequest(
+        claim_id=claim_id, account_id=principal.account_id, person_id=person_id,
+        slot_id=slot_id, idempotency_key=idempotency_key, birth=grant.birth, sex=grant.sex,
+    ))
+    claim = outcome.claim
+    # A retried script call (lost reply) finds our own claim: that is a win, not a replay.
+    own = claim is not None and claim["claim_id"] == claim_id
+    status = "ok" if own else outcome.status
+
+    if status in ("ok", "replay"):
+        assert claim is not None
+        if status == "replay" and claim["person_id"] != person_id:
+            CLAIM_RESULTS.labels("idempotency_key_reused").inc()
+            raise errors.IdempotencyKeyReused(
+                "this Idempotency-Key was used for a claim for another person")
+        CLAIM_RESULTS.labels("created" if status == "ok" else "replayed").inc()
+        headers = {"Location": f"/v1/bookings/{claim['code']}"}
+        if status == "replay":
+            headers["Idempotent-Replayed"] = "true"
+        body = orjson.dumps(claim_body(claim, app[SETTINGS].zone))
+        return web.Response(status=201, body=body, content_type="application/json",
+                            headers=headers)
+
+    if status == "sold_out" and not outcome.detail and not slot_id:
+        app[CATALOG].mark_sold_out(release_id)
+    if status == "codes_exhausted":
+        await add_code_block(app[DATABASE], app[REDIS], release_id)
+    refusal = _refusal(outcome, release_id)
+    CLAIM_RESULTS.labels(refusal.code).inc()
+    raise refusal
+
+

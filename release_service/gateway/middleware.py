@@ -1,0 +1,77 @@
+"""Request middleware: request ids, metrics, and errors turned into problem documents."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..errors import PROBLEM_CONTENT_TYPE, ServiceError
+from ..metrics import HTTP_LATENCY, HTTP_REQUESTS
+
+log = logging.getLogger("release_service.gateway")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+    431: "headers_too_large",
+}
+
+
+def problem_response(
+    status: int, body: bytes, request_id: str, retry_after: int | None = None
+) -> web.Response:
+    headers = {REQUEST_ID_HEADER: request_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(status=status, body=body, content_type=PROBLEM_CONTENT_TYPE,
+                        headers=headers)
+
+
+def _http_problem(exc: web.HTTPException) -> bytes:
+    code = _HTTP_CODES.get(exc.status, "http_error")
+    body: dict[str, Any] = {
+        "type": f"https://release-service.dev/problems/{code}", "title": exc.reason,
+        "status": exc.status, "code": code, "detail": exc.reason,
+    }
+    return orjson.dumps(body)
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an RFC 9457 document; an unexpected one is logged once,
+    with the request id and without the body (it may carry ID numbers)."""
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or secrets.token_hex(8)
+    request["request_id"] = request_id
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+        response.headers[REQUEST_ID_HEADER] = request_id
+    except ServiceError as exc:
+        response = problem_response(exc.status, exc.body(), request_id, exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem_response(exc.status, _http_problem(exc), request_id)
+    except Exception:
+        log.exception("unhandled error on %s %s (request %s)",
+                      request.method, _route_name(request), request_id)
+        failure = ServiceError("unexpected error; quote the request id", request_id=request_id)
+        response = problem_response(500, failure.body(), request_id)
+    route = _route_name(request)
+    HTTP_REQUESTS.labels(route, str(response.status)).inc()
+    HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,79 @@
+"""`release-service gateway`: serve the app on uvloop, in one or several processes.
+
+Several processes share one port through SO_REUSEPORT; the kernel spreads connections
+between them. The parent only supervises: on SIGTERM/SIGINT it passes the signal on and
+waits for every child to finish its in-flight requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import signal
+import sys
+from types import FrameType
+
+from aiohttp import web
+
+from ..logs import configure_logging
+from ..settings import Settings, load_settings
+from .app import create_app
+
+log = logging.getLogger("release_service.gateway")
+
+SHUTDOWN_SECONDS = 10.0
+
+
+def serve(settings: Settings) -> None:
+    """One gateway process, until SIGTERM or SIGINT."""
+    configure_logging(settings.log_level)
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        loop = asyncio.new_event_loop()
+    web.run_app(
+        create_app(settings), host=settings.http_host, port=settings.http_port,
+        reuse_port=settings.gateway_processes > 1, access_log=None, print=None,
+        shutdown_timeout=SHUTDOWN_SECONDS, loop=loop, handle_signals=True,
+    )
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
+    if args.port is not None:
+        overrides["http_port"] = args.port
+    if args.processes is not None:
+        overrides["gateway_processes"] = args.processes
+    settings = dataclasses.replace(load_settings(), **overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level)
+    log.info("gateway listening on http://%s:%d with %d process(es)",
+             settings.http_host, settings.http_port, settings.gateway_processes)
+    if settings.gateway_processes == 1:
+        serve(settings)
+        return 0
+
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=serve, args=(settings,), name=f"gateway-{i}")
+                for i in range(settings.gateway_processes)]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                child.terminate() if signum == signal.SIGTERM else child.kill()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, lambda *_: forward(signal.SIGTERM, None))
+    for child in children:
+        child.join()
+    failed = [c.name for c in children if c.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        print(f"release-service: gateway processes failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

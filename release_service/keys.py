@@ -1,0 +1,75 @@
+"""Every Redis key shape, in one place.
+
+All keys of one release carry the hash tag `{release_id}`, so one script touches one Redis
+Cluster slot. Release keys live as long as the release (deleted by an operator's purge);
+none of them expires on its own, because they are the claim path's system of record until
+the bookings are in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+
+def _rel(release_id: str, what: str) -> str:
+    return f"rel:{{{release_id}}}:{what}"
+
+
+def meta_key(release_id: str) -> str:
+    """Hash: window, state, waves, eligibility, totals, code range. Lifetime: release."""
+    return _rel(release_id, "meta")
+
+
+def capacity_key(release_id: str) -> str:
+    """Hash slot_id -> capacity. Lifetime: release."""
+    return _rel(release_id, "cap")
+
+
+def taken_key(release_id: str) -> str:
+    """Hash slot_id -> active claims on the slot (remaining = capacity - taken)."""
+    return _rel(release_id, "taken")
+
+
+def slot_day_key(release_id: str) -> str:
+    """Hash slot_id -> visit day as YYYYMMDD (clinic time), for age and per-day rules."""
+    return _rel(release_id, "slotday")
+
+
+def holders_key(release_id: str) -> str:
+    """Hash person_id -> claim_id of the person's active claim in this release."""
+    return _rel(release_id, "holders")
+
+
+def claims_key(release_id: str) -> str:
+    """Hash claim_id -> claim JSON. Lifetime: release."""
+    return _rel(release_id, "claims")
+
+
+def codes_key(release_id: str) -> str:
+    """Hash booking code -> claim_id, for lookups by code."""
+    return _rel(release_id, "codes")
+
+
+def idempotency_key(release_id: str) -> str:
+    """Hash "account_id:Idempotency-Key" -> claim_id."""
+    return _rel(release_id, "idem")
+
+
+def outbox_key(release_id: str) -> str:
+    """Stream of claim/cancel events; an entry is trimmed once its booking is in PostgreSQL."""
+    return _rel(release_id, "outbox")
+
+
+def document_key(release_id: str) -> str:
+    """String: the public release document (JSON) written at preheat."""
+    return _rel(release_id, "doc")
+
+
+# Keys outside any release slot (never touched by a claim script).
+
+RELEASE_INDEX_KEY = "releases:index"
+"""Sorted set release_id -> closes_at (ms): every release the gateways and relay serve."""
+
+RELEASE_EVENTS_CHANNEL = "releases:events"
+"""Pub/sub channel: a release id whose state changed (pause, resume, close, sold out)."""
+
+OUTBOX_GROUP = "relay"
+"""Consumer group name of the relays on every outbox stream."""

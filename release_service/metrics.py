@@ -1,0 +1,28 @@
+"""Prometheus metrics shared by the processes (each process exports its own registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
+                   0.512, 1.0, 2.5)
+
+HTTP_REQUESTS = Counter(
+    "release_http_requests_total", "HTTP requests by route and status", ["route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "release_http_request_seconds", "HTTP request latency by route", ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+CLAIMS = Counter(
+    "release_claims_total", "Claim attempts by result code (created, replayed, sold_out...)",
+    ["result"],
+)
+CLAIM_BATCH_SIZE = Histogram(
+    "release_claim_batch_size", "Claims sent to Redis in one script call",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+STOCK_REMAINING = Gauge(
+    "release_stock_remaining", "Remaining stock per slot of active releases",
+    ["release_id", "slot_id"],
+)

@@ -1,0 +1,32 @@
+"""Redis connections: one client per process, standalone or Cluster chosen by the URL."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+AnyRedis: TypeAlias = Redis | RedisCluster
+
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def redis_from_url(url: str, *, max_connections: int = 64) -> AnyRedis:
+    """`redis+cluster://host:port` selects redis-py's cluster client; anything else is one
+    server. Commands retry on connection errors with backoff (bounded), so a Redis restart
+    costs callers a short wait, not an exception, while it is short."""
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3)
+    errors = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url(
+            "redis://" + url[len(CLUSTER_SCHEME):], retry=retry, retry_on_error=list(errors),
+            max_connections=max_connections,
+        )
+    return Redis.from_url(
+        url, retry=retry, retry_on_error=list(errors), max_connections=max_connections,
+        health_check_interval=30,
+    )

@@ -1,0 +1,124 @@
+"""The release definition an admin posts: parsed and validated, with clear messages."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import InvalidInput
+
+# Ids end up inside Redis hash tags and comma-separated lists: keep them to a safe alphabet.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+
+MAX_SLOTS = 500
+MAX_CAPACITY = 1_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SlotDefinition(_Strict):
+    slot_id: Identifier
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
+    capacity: int = Field(ge=0, le=MAX_CAPACITY, strict=True)
+
+    @model_validator(mode="after")
+    def _ends_after_start(self) -> SlotDefinition:
+        if self.ends_at <= self.starts_at:
+            raise ValueError(f"slot {self.slot_id}: ends_at must be after starts_at")
+        return self
+
+
+class Wave(_Strict):
+    opens_at: AwareDatetime
+    share: float = Field(gt=0, le=1)
+
+
+class Eligibility(_Strict):
+    min_age: int | None = Field(default=None, ge=0, le=150, strict=True)
+    max_age: int | None = Field(default=None, ge=0, le=150, strict=True)
+    sex: Literal["F", "M"] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> Eligibility:
+        if self.min_age is not None and self.max_age is not None and self.min_age > self.max_age:
+            raise ValueError("eligibility: min_age must not exceed max_age")
+        return self
+
+
+class ReleaseDefinition(_Strict):
+    release_id: Identifier | None = None
+    vaccine: Name
+    dose: int = Field(ge=1, le=10, strict=True)
+    clinic_id: Identifier
+    department: Name = "vaccination"
+    opens_at: AwareDatetime
+    closes_at: AwareDatetime
+    slots: list[SlotDefinition] = Field(min_length=1, max_length=MAX_SLOTS)
+    waves: list[Wave] | None = None
+    eligibility: Eligibility = Field(default_factory=Eligibility)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReleaseDefinition:
+        if self.closes_at <= self.opens_at:
+            raise ValueError("closes_at must be after opens_at")
+        ids = [s.slot_id for s in self.slots]
+        if len(set(ids)) != len(ids):
+            raise ValueError("slot_id values must be unique")
+        if self.waves:
+            times = [w.opens_at for w in self.waves]
+            if times != sorted(times) or len(set(times)) != len(times):
+                raise ValueError("waves must have strictly increasing opens_at")
+            if times[0] < self.opens_at or times[-1] >= self.closes_at:
+                raise ValueError("every wave must open within [opens_at, closes_at)")
+            if not math.isclose(sum(w.share for w in self.waves), 1.0, abs_tol=1e-6):
+                raise ValueError("wave shares must sum to 1")
+        return self
+
+    @property
+    def total_capacity(self) -> int:
+        return sum(s.capacity for s in self.slots)
+
+    def wave_schedule(self) -> list[tuple[datetime, int]]:
+        """(time, cumulative share in parts per million); the last is exactly 10^6."""
+        waves = self.waves or [Wave(opens_at=self.opens_at, share=1.0)]
+        schedule, total = [], 0.0
+        for i, wave in enumerate(waves):
+            total += wave.share
+            ppm = 1_000_000 if i == len(waves) - 1 else round(total * 1_000_000)
+            schedule.append((wave.opens_at, ppm))
+        return schedule
+
+
+def parse_definition(data: object) -> ReleaseDefinition:
+    """Validate and give the release an id when it has none; InvalidInput names each fault."""
+    if not isinstance(data, dict):
+        raise InvalidInput("the release definition must be a JSON object")
+    try:
+        definition = ReleaseDefinition.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise InvalidInput(
+            "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors
+        ) from None
+    if definition.release_id is None:
+        definition = definition.model_copy(update={"release_id": f"rel-{secrets.token_hex(6)}"})
+    return definition

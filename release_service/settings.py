@@ -1,0 +1,196 @@
+"""Settings: parsed and validated once at start into a frozen dataclass.
+
+Sources, later wins: built-in defaults, the settings file, `RELEASE_SERVICE_*` environment
+variables. The settings file holds `RELEASE_SERVICE_NAME=value` lines (the format
+`stack up` writes); it is `$RELEASE_SERVICE_SETTINGS_FILE` when set, else
+`.stack/settings.env` in the working directory when that exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+PREFIX = "RELEASE_SERVICE_"
+DEFAULT_STACK_DIR = Path(".stack")
+SETTINGS_FILE_NAME = "settings.env"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it and says what is expected."""
+
+
+def _secret() -> Any:
+    # Secrets never show in repr() or logs.
+    return field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://release:release@127.0.0.1:5432/release"
+    admin_token: str = _secret()
+    token_secret: str = _secret()
+    code_secret: str = _secret()
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Several gateway processes share the port through SO_REUSEPORT.
+    gateway_processes: int = 1
+    # /metrics of the relay and consumers (the gateway serves its own); 0 = off.
+    metrics_port: int = 0
+    # Apache Kafka: turn on. Tansu (development) rejects the idempotent producer.
+    kafka_enable_idempotence: bool = False
+    kafka_partitions: int = 8
+    kafka_replication_factor: int = 1
+    relay_in_gateway: bool = False
+    timezone: str = "Asia/Shanghai"
+    token_ttl_seconds: int = 7 * 24 * 3600
+    max_body_bytes: int = 16 * 1024
+    # How often each gateway refreshes its local view of releases (sold out, paused...).
+    release_view_refresh_seconds: float = 0.2
+    database_pool_size: int = 10
+    sms_provider: str = "sink"
+    sms_sink_path: str = ".stack/sms-sink.jsonl"
+    sms_provider_url: str = ""
+    sms_provider_key: str = _secret()
+    sms_rate_per_second: float = 200.0
+    sms_max_attempts: int = 5
+    redis_appendfsync: str = "everysec"
+    reconcile_grace_seconds: float = 30.0
+    # A relay's unacknowledged outbox entries this old are taken over by another relay.
+    relay_takeover_seconds: float = 15.0
+    log_level: str = "INFO"
+    stack_dir: str = str(DEFAULT_STACK_DIR)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting except the secrets, for `--show-settings` and start-up logs."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.repr
+        }
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def read_settings_file(path: Path) -> dict[str, str]:
+    """`NAME=value` lines; blank lines and `#` comments ignored; unknown names rejected."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().startswith(PREFIX):
+            raise SettingsError(f"{path}:{number}: expected {PREFIX}NAME=value, got {line!r}")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def write_settings_file(path: Path, values: Mapping[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{PREFIX}{name.upper()}={value}" for name, value in values.items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# written by `release-service stack up`\n" + "\n".join(lines) + "\n")
+    tmp.chmod(0o600)  # holds secrets
+    tmp.replace(path)
+
+
+def default_settings_file(environ: Mapping[str, str]) -> Path | None:
+    explicit = environ.get(PREFIX + "SETTINGS_FILE")
+    if explicit:
+        return Path(explicit)
+    stack_dir = Path(environ.get(PREFIX + "STACK_DIR", str(DEFAULT_STACK_DIR)))
+    candidate = stack_dir / SETTINGS_FILE_NAME
+    return candidate if candidate.exists() else None
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from None
+    return raw
+
+
+def _validate(s: Settings) -> None:
+    def bad(name: str, why: str) -> SettingsError:
+        return SettingsError(f"{PREFIX}{name.upper()}={getattr(s, name)!r}: {why}")
+
+    if urlsplit(s.redis_url).scheme not in {"redis", "rediss", "redis+cluster", "unix"}:
+        raise bad("redis_url", "expected redis://host:port/db or redis+cluster://host:port")
+    if urlsplit(s.database_url).scheme not in {"postgresql", "postgres"}:
+        raise bad("database_url", "expected postgresql://user:password@host:port/database")
+    for part in s.kafka_bootstrap.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise bad("kafka_bootstrap", "expected host:port[,host:port...]")
+    if not 0 < s.http_port < 65536:
+        raise bad("http_port", "expected a TCP port between 1 and 65535")
+    for name in ("gateway_processes", "kafka_partitions", "kafka_replication_factor",
+                 "database_pool_size", "sms_max_attempts", "token_ttl_seconds",
+                 "max_body_bytes"):
+        if getattr(s, name) < 1:
+            raise bad(name, "expected a positive number")
+    if s.sms_rate_per_second <= 0 or s.release_view_refresh_seconds <= 0:
+        raise bad("sms_rate_per_second", "expected a positive number")
+    if s.sms_provider not in {"sink", "http"}:
+        raise bad("sms_provider", "expected sink or http")
+    if s.sms_provider == "http" and not s.sms_provider_url:
+        raise bad("sms_provider_url", "required when sms_provider=http")
+    if s.redis_appendfsync not in {"everysec", "always"}:
+        raise bad("redis_appendfsync", "expected everysec or always")
+    try:
+        ZoneInfo(s.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise bad("timezone", "expected an IANA time zone such as Asia/Shanghai") from None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, **overrides: object
+) -> Settings:
+    """Defaults < settings file < environment < keyword overrides; validated."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    settings_file = default_settings_file(env)
+    if settings_file is not None:
+        if not settings_file.exists():
+            raise SettingsError(f"settings file {settings_file} does not exist")
+        raw.update(read_settings_file(settings_file))
+    raw.update({k: v for k, v in env.items() if k.startswith(PREFIX)})
+
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        name = key[len(PREFIX):].lower()
+        if name in {"settings_file"}:
+            continue
+        if name not in _FIELDS:
+            raise SettingsError(f"unknown setting {key}")
+        values[name] = _convert(name, value)
+    values.update(overrides)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(settings)
+    return settings

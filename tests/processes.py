@@ -1,0 +1,68 @@
+"""Start the service's own commands as child processes, as an operator would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from release_service.settings import Settings, write_settings_file
+
+BIN = Path(sys.executable).parent / "release-service"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """`release-service ARGS` with the test stack's settings; stopped by its own PID."""
+
+    def __init__(self, settings: Settings, folder: Path, *args: str, name: str,
+                 **overrides: object) -> None:
+        self.settings_file = folder / f"{name}.env"
+        values = {**settings.__class__.__dataclass_fields__}
+        values = {f: getattr(settings, f) for f in values}
+        values.update(overrides)
+        write_settings_file(self.settings_file, values)
+        self.args = [str(BIN), *args]
+        self.log_path = folder / f"{name}.log"
+        self.name = name
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELEASE_SERVICE_")}
+        env["RELEASE_SERVICE_SETTINGS_FILE"] = str(self.settings_file)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.args, env=env, stdout=log, stderr=log,
+                                        stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_http(self, url: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.log()
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not answer {url}:\n{self.log()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

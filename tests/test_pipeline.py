@@ -1,0 +1,212 @@
+"""End to end: claims over HTTP become booking rows and SMS, through the relay, Kafka and
+both consumers, also when processes are killed with SIGKILL and the broker restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from processes import ServiceProcess
+from support import Api, Resident, release_definition
+
+from release_service import topics
+from release_service.seed import seed_users
+
+STOCK = 500
+CLAIMANTS = 2000
+SETTLE_SECONDS = 90
+
+
+@pytest.fixture
+async def people(stack_settings, tmp_path) -> list[Resident]:
+    out = tmp_path / "users.jsonl"
+    await seed_users(stack_settings, CLAIMANTS, out, progress=False)
+    rows = [orjson.loads(line) for line in out.read_text().splitlines()]
+    return [Resident(r["account_id"], r["person_ids"][0], r["token"]) for r in rows]
+
+
+class Pipeline:
+    def __init__(self, stack_settings, folder: Path) -> None:
+        self.sink = folder / "sms-sink.jsonl"
+        options = {"sms_sink_path": str(self.sink), "reconcile_grace_seconds": 3.0,
+                   "relay_takeover_seconds": 2.0}
+        self.processes = {
+            "relay": ServiceProcess(stack_settings, folder, "relay", name="relay", **options),
+            "bookings": ServiceProcess(stack_settings, folder, "consume", "bookings",
+                                       name="bookings", **options),
+            "sms": ServiceProcess(stack_settings, folder, "consume", "sms", name="sms",
+                                  **options),
+        }
+
+    def start(self) -> None:
+        for process in self.processes.values():
+            process.start()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+
+    def sms_lines(self) -> list[dict]:
+        if not self.sink.exists():
+            return []
+        return [orjson.loads(line) for line in self.sink.read_text().splitlines() if line]
+
+
+@pytest.fixture
+async def pipeline(stack_settings, tmp_path):
+    running = Pipeline(stack_settings, tmp_path)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def api(gateway_url, stack_settings):
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as session:
+        yield Api(session, gateway_url, stack_settings.admin_token)
+
+
+async def run_spike(api: Api, release_id: str, people: list[Resident]) -> dict[str, str]:
+    """Everybody claims at once; returns claim_id -> code of every 201."""
+    results = await asyncio.gather(*(api.claim(release_id, p) for p in people))
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {201, 409}, statuses
+    return {body["claim_id"]: body["code"] for status, _, body in results if status == 201}
+
+
+async def settle(db: asyncpg.Pool, pipeline: Pipeline, release_id: str) -> tuple[int, int]:
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        bookings = await db.fetchval("SELECT count(*) FROM bookings WHERE release_id = $1",
+                                     release_id)
+        sent = await db.fetchval(
+            "SELECT count(*) FROM sms_messages WHERE status = 'sent' AND kind = 'confirmation'")
+        if (bookings == STOCK and sent == STOCK) or time.monotonic() > deadline:
+            return bookings, sent
+        await asyncio.sleep(0.25)
+
+
+async def check_exactly_once(db: asyncpg.Pool, pipeline: Pipeline, release_id: str,
+                             acknowledged: dict[str, str]) -> None:
+    assert len(acknowledged) == STOCK
+    bookings, sent = await settle(db, pipeline, release_id)
+    assert (bookings, sent) == (STOCK, STOCK)
+    rows = await db.fetch("SELECT claim_id, code FROM bookings WHERE release_id = $1", release_id)
+    assert {r["claim_id"]: r["code"] for r in rows} == acknowledged
+    lines = pipeline.sms_lines()
+    by_message = Counter(line["message_id"] for line in lines)
+    assert len(by_message) == STOCK and set(by_message.values()) == {1}
+    codes_in_sms = {code for line in lines for code in acknowledged.values()
+                    if code in line["text"]}
+    assert codes_in_sms == set(acknowledged.values())
+
+
+async def consumer_lag(settings, group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        parts = [TopicPartition(topics.CLAIMS, p)
+                 for p in consumer.partitions_for_topic(topics.CLAIMS) or []]
+        ends = await consumer.end_offsets(parts)
+        return sum(end - (committed[tp].offset if tp in committed else 0)
+                   for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+@pytest.fixture
+async def db(stack_settings):
+    pool = await asyncpg.create_pool(stack_settings.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+async def test_spike_becomes_exactly_500_bookings_and_sms(api, db, people, pipeline,
+                                                          stack_settings):
+    release = await api.create_release(release_definition([200, 200, 100]))
+    acknowledged = await run_spike(api, release["release_id"], people)
+    await check_exactly_once(db, pipeline, release["release_id"], acknowledged)
+    deadline = time.monotonic() + 20
+    while (lag := await consumer_lag(stack_settings, "bookings")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert lag == 0
+
+
+@pytest.mark.parametrize("victim", ["relay", "bookings", "sms"])
+async def test_sigkill_during_spike_loses_nothing(api, db, people, pipeline, victim):
+    release = await api.create_release(release_definition([200, 200, 100]))
+    spike = asyncio.create_task(run_spike(api, release["release_id"], people))
+    await asyncio.sleep(random.uniform(0.2, 0.5))
+    pipeline.processes[victim].kill(signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    pipeline.processes[victim].start()
+    acknowledged = await spike
+    await check_exactly_once(db, pipeline, release["release_id"], acknowledged)
+
+
+async def test_broker_restart_mid_spike_loses_nothing(api, db, people, pipeline, stack):
+    release = await api.create_release(release_definition([200, 200, 100]))
+    spike = asyncio.create_task(run_spike(api, release["release_id"], people))
+    await asyncio.sleep(0.3)
+    stack.stop("kafka")  # memory-only: topics, messages and offsets are gone
+    await asyncio.sleep(1.0)
+    stack.start("kafka")
+    acknowledged = await spike
+    await check_exactly_once(db, pipeline, release["release_id"], acknowledged)
+
+
+async def test_poison_message_goes_to_dead_letter_and_the_partition_moves_on(
+    api, db, people, pipeline, stack_settings
+):
+    release = await api.create_release(release_definition([5]))
+    producer = AIOKafkaProducer(bootstrap_servers=stack_settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for poison in (b"\xff not json", b'{"claim_id": 5}', b"[]"):
+            await producer.send_and_wait(topics.CLAIMS, poison, key=b"same-partition")
+    finally:
+        await producer.stop()
+    acknowledged = {}
+    for person in people[:5]:
+        status, _, body = await api.claim(release["release_id"], person)
+        assert status == 201
+        acknowledged[body["claim_id"]] = body["code"]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        count = await db.fetchval("SELECT count(*) FROM bookings WHERE release_id = $1",
+                                  release["release_id"])
+        if count == 5:
+            break
+        await asyncio.sleep(0.2)
+    assert count == 5
+
+    dead = AIOKafkaConsumer(topics.CLAIMS_DEAD_LETTER,
+                            bootstrap_servers=stack_settings.kafka_bootstrap,
+                            auto_offset_reset="earliest", group_id=None)
+    await dead.start()
+    try:
+        found: list = []
+        deadline = time.monotonic() + 20
+        while len(found) < 3 and time.monotonic() < deadline:
+            batch = await dead.getmany(timeout_ms=500)
+            found += [r for records in batch.values() for r in records]
+    finally:
+        await dead.stop()
+    values = {r.value for r in found}
+    assert {b"\xff not json", b'{"claim_id": 5}', b"[]"} <= values
+    assert all(dict(r.headers).get("reason") for r in found)
