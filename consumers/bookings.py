@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 from aiokafka import ConsumerRecord
 from prometheus_client import Counter
-from release_service.db import connect_pool
 
 from consumers.runner import ConsumerRunner, DeadLetter, InvalidMessage, json_object
 from release_service import topics
+from release_service.db import connect_pool
 from release_service.settings import Settings
 
 BOOKINGS_WRITTEN = Counter("release_bookings_written_total",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -28,8 +29,7 @@ class ServiceProcess:
     def __init__(self, settings: Settings, folder: Path, *args: str, name: str,
                  **overrides: object) -> None:
         self.settings_file = folder / f"{name}.env"
-        values = {**settings.__class__.__dataclass_fields__}
-        values = {f: getattr(settings, f) for f in values}
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
         values.update(overrides)
         write_settings_file(self.settings_file, values)
         self.args = [str(BIN), *args]

@@ -17,10 +17,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from processes import ServiceProcess
+from release_service.seed import seed_users
 from support import Api, Resident, release_definition
 
 from release_service import topics
-from release_service.seed import seed_users
 
 STOCK = 500
 CLAIMANTS = 2000

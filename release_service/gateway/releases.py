@@ -37,7 +37,7 @@ async def admin_create_release(request: web.Request) -> web.Response:
     await create_release(app[DATABASE], app[REDIS], definition, app[SETTINGS].zone)
     assert definition.release_id is not None
     await app[REDIS].publish(keys.RELEASE_EVENTS_CHANNEL, definition.release_id)
-    app[CATALOG].poke()
+    await app[CATALOG].refresh()  # this gateway's view is current before the admin's reply
     view = await admin_view(app[REDIS], definition.release_id)
     return web.Response(status=201, body=orjson.dumps(view), content_type=JSON,
                         headers={"Location": f"/v1/admin/releases/{definition.release_id}"})
@@ -55,7 +55,7 @@ def _state_change(state: str) -> Callable[[web.Request], Awaitable[web.Response]
         release_id = request.match_info["release_id"]
         app = request.app
         await set_state(app[DATABASE], app[REDIS], release_id, state)
-        app[CATALOG].poke()
+        await app[CATALOG].refresh()
         view = await admin_view(app[REDIS], release_id)
         return web.Response(body=orjson.dumps(view), content_type=JSON)
 

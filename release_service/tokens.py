@@ -1,0 +1,106 @@
+"""Bearer tokens: JWT (HS256, PyJWT) naming the account and the persons it may book for.
+
+Verifying costs no database or Redis call: the persons (id, birth date, sex) travel in the
+signed token, which is what the claim path needs for eligibility and `not_your_person`.
+A token verified once is remembered (bounded LRU), so a hot client pays the HMAC once;
+expiry is still checked on every use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from .errors import Unauthorized
+
+AUDIENCE = "release-service"
+ISSUER = "release-service"
+CACHE_SIZE = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class PersonGrant:
+    person_id: str
+    birth: int  # YYYYMMDD
+    sex: str  # "F" or "M"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    account_id: str
+    persons: Mapping[str, PersonGrant]
+    expires_at: int
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("an Authorization: Bearer token is required")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+class TokenCodec:
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        if not secret:
+            raise ValueError("a token secret is required (RELEASE_SERVICE_TOKEN_SECRET)")
+        self._secret = secret
+        self._ttl = ttl_seconds
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
+
+    def issue(self, account_id: str, persons: Sequence[PersonGrant],
+              now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        payload = {
+            "sub": account_id,
+            "p": [[p.person_id, p.birth, p.sex] for p in persons],
+            "iat": issued,
+            "exp": issued + self._ttl,
+            "aud": AUDIENCE,
+            "iss": ISSUER,
+        }
+        return jwt.encode(payload, self._secret, algorithm="HS256")
+
+    def verify(self, token: str, now: float | None = None) -> Principal:
+        current = time.time() if now is None else now
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached.expires_at <= current:
+                del self._verified[token]
+                raise Unauthorized("the token has expired")
+            self._verified.move_to_end(token)
+            return cached
+        principal = self._decode(token, current)
+        self._verified[token] = principal
+        if len(self._verified) > CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str, now: float) -> Principal:
+        try:
+            claims = jwt.decode(
+                token, self._secret, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER,
+                options={"require": ["exp", "sub", "aud", "iss"], "verify_exp": False},
+            )
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("the token is for another audience") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("the token signature is invalid") from None
+        except jwt.PyJWTError:
+            raise Unauthorized("the token is malformed or invalid") from None
+        # Expiry checked here against `now` (one clock for verify and the cache).
+        if not isinstance(claims.get("exp"), int) or claims["exp"] <= now:
+            raise Unauthorized("the token has expired")
+        try:
+            persons = {
+                str(pid): PersonGrant(str(pid), int(birth), str(sex))
+                for pid, birth, sex in claims.get("p", [])
+            }
+        except (TypeError, ValueError):
+            raise Unauthorized("the token is malformed or invalid") from None
+        return Principal(str(claims["sub"]), persons, int(claims["exp"]))
