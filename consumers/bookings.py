@@ -20,7 +20,7 @@ from aiokafka import ConsumerRecord
 from prometheus_client import Counter
 
 from consumers.runner import ConsumerRunner, DeadLetter, InvalidMessage, json_object
-from release_service import topics
+from release_service import topics as kafka_topics
 from release_service.db import connect_pool
 from release_service.settings import Settings
 
@@ -57,7 +57,7 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> BookingEvent:
     if not isinstance(claimed_ms, int) or isinstance(claimed_ms, bool) or claimed_ms <= 0:
         raise InvalidMessage("claimed_at_ms must be a positive integer")
     claimed_at = datetime.fromtimestamp(claimed_ms / 1000, UTC)
-    if record.topic == topics.CANCELLATIONS:
+    if record.topic == kafka_topics.CANCELLATIONS:
         cancelled_ms = data.get("cancelled_at_ms")
         if not isinstance(cancelled_ms, int) or isinstance(cancelled_ms, bool):
             raise InvalidMessage("cancelled_at_ms must be an integer")
@@ -85,9 +85,9 @@ RETURNING b.claim_id
 
 
 class BookingsProcessor:
-    group_id = "bookings"
-    topics = (topics.CLAIMS, topics.CANCELLATIONS)
-    dead_letter_topic = topics.CLAIMS_DEAD_LETTER
+    group_id: str = "bookings"
+    topics: tuple[str, ...] = (kafka_topics.CLAIMS, kafka_topics.CANCELLATIONS)
+    dead_letter_topic: str = kafka_topics.CLAIMS_DEAD_LETTER
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -144,7 +144,7 @@ def _columns(rows: Sequence[BookingEvent]) -> list[list[Any]]:
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     pool = await connect_pool(settings)
     try:
-        runner = ConsumerRunner(settings, BookingsProcessor(pool))
+        runner: ConsumerRunner[BookingEvent] = ConsumerRunner(settings, BookingsProcessor(pool))
         task = asyncio.create_task(runner.run())
         await asyncio.wait([task, asyncio.create_task(stopping.wait())],
                            return_when=asyncio.FIRST_COMPLETED)

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import asyncpg
 import orjson
@@ -77,11 +78,11 @@ def claim_event(row: asyncpg.Record | dict[str, object]) -> bytes:
     })
 
 
-async def persisted_events(conn: asyncpg.Connection, entries: Sequence[OutboxEntry]) -> set[str]:
+async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str]:
     """Entry ids whose effect is in PostgreSQL: a booking row for a claim, a cancelled
     booking for a cancellation."""
-    by_claim = {}
-    cancels = {}
+    by_claim: dict[str, str] = {}
+    cancels: dict[str, str] = {}
     for entry in entries:
         claim_id = orjson.loads(entry.event)["claim_id"]
         (cancels if entry.event_type == "claim.cancelled" else by_claim)[claim_id] = entry.entry_id

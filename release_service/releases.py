@@ -55,7 +55,7 @@ def public_document(d: ReleaseDefinition) -> dict[str, Any]:
     }
 
 
-async def allocate_codes(conn: asyncpg.Connection, release_id: str, size: int) -> int:
+async def allocate_codes(conn: Any, release_id: str, size: int) -> int:
     """Reserve `size` consecutive booking sequence numbers for a release; returns the first.
 
     The exclusive table lock serialises allocators; it is taken only when a release is
@@ -81,7 +81,7 @@ async def preheat(
     assert rid is not None
     waves = ",".join(f"{epoch_ms(t)},{ppm}" for t, ppm in d.wave_schedule())
     elig = d.eligibility
-    meta = {
+    meta: dict[str, str | int] = {
         "opens_ms": epoch_ms(d.opens_at),
         "closes_ms": epoch_ms(d.closes_at),
         "state": state,
@@ -95,7 +95,7 @@ async def preheat(
         "code_end": code_first + code_size,
     }
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(keys.meta_key(rid), mapping=meta)
+    pipe.hset(keys.meta_key(rid), mapping=meta)  # type: ignore[arg-type]  # invariant key
     pipe.hset(keys.capacity_key(rid), mapping={s.slot_id: s.capacity for s in d.slots})
     pipe.hset(keys.taken_key(rid), mapping={s.slot_id: 0 for s in d.slots})
     pipe.hset(keys.slot_day_key(rid), mapping={
@@ -112,6 +112,7 @@ async def create_release(
 ) -> None:
     """Insert into PostgreSQL, preheat Redis, then commit: a failed preheat leaves nothing."""
     rid = d.release_id
+    assert rid is not None, "parse_definition gives every release an id"
     code_size = max(CODE_HEADROOM * d.total_capacity, 16)
     async with pool.acquire() as conn, conn.transaction():
         try:
@@ -129,7 +130,7 @@ async def create_release(
                VALUES ($1, $2, $3, $4, $5)""",
             [(rid, s.slot_id, s.starts_at, s.ends_at, s.capacity) for s in d.slots],
         )
-        code_first = await allocate_codes(conn, rid, code_size)  # type: ignore[arg-type]
+        code_first = await allocate_codes(conn, rid, code_size)
         await preheat(redis, d, zone, code_first, code_size)
 
 

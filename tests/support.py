@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
-from release_service.tokens import PersonGrant, TokenCodec
 
 from release_service.settings import Settings
+from release_service.tokens import PersonGrant, TokenCodec
 
 _counter = itertools.count()
 CLINIC_ZONE = timezone(timedelta(hours=8))

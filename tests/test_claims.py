@@ -9,10 +9,10 @@ import time
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from release_service.tokens import PersonGrant, TokenCodec
 from support import Api, release_definition, residents
 
 from release_service import keys
+from release_service.tokens import PersonGrant, TokenCodec
 
 
 async def spike(api: Api, release_id: str, people: list, *, keyed: bool) -> list:

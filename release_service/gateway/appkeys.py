@@ -14,7 +14,7 @@ from .probes import KafkaProbe
 
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenCodec)
-REDIS = web.AppKey("redis", AnyRedis)  # type: ignore[arg-type]
+REDIS: web.AppKey[AnyRedis] = web.AppKey("redis")
 DATABASE = web.AppKey("database", asyncpg.Pool)
 CATALOG = web.AppKey("catalog", ReleaseCatalog)
 CLAIMS = web.AppKey("claims", ClaimBatcher)

@@ -30,6 +30,7 @@ SHUTDOWN_SECONDS = 10.0
 def serve(settings: Settings) -> None:
     """One gateway process, until SIGTERM or SIGINT."""
     configure_logging(settings.log_level)
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
