@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, CommandError) as exc:
         print(f"release-service: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # connection refused and friends: a service is not running
+        print(f"release-service: cannot reach a service ({exc}); is the stack up? "
+              "(release-service stack status)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

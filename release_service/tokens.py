@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jwt
 
 from .errors import Unauthorized
+from .settings import SettingsError
 
 AUDIENCE = "release-service"
 ISSUER = "release-service"
@@ -48,7 +49,8 @@ def bearer_token(authorization: str | None) -> str:
 class TokenCodec:
     def __init__(self, secret: str, ttl_seconds: int) -> None:
         if not secret:
-            raise ValueError("a token secret is required (RELEASE_SERVICE_TOKEN_SECRET)")
+            raise SettingsError("RELEASE_SERVICE_TOKEN_SECRET is required (run `release-service "
+                                "stack up`, or set it)")
         self._secret = secret
         self._ttl = ttl_seconds
         self._verified: OrderedDict[str, Principal] = OrderedDict()
