@@ -9,7 +9,6 @@ the two topics are not ordered with each other).
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +18,14 @@ import asyncpg
 from aiokafka import ConsumerRecord
 from prometheus_client import Counter
 
-from consumers.runner import ConsumerRunner, DeadLetter, InvalidMessage, json_object
+from consumers.runner import (
+    ConsumerRunner,
+    DeadLetter,
+    InvalidMessage,
+    json_object,
+    main_until_signalled,
+    run_until,
+)
 from release_service import topics as kafka_topics
 from release_service.db import connect_pool
 from release_service.settings import Settings
@@ -145,21 +151,10 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     pool = await connect_pool(settings)
     try:
         runner: ConsumerRunner[BookingEvent] = ConsumerRunner(settings, BookingsProcessor(pool))
-        task = asyncio.create_task(runner.run())
-        await asyncio.wait([task, asyncio.create_task(stopping.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
-        runner.stop()
-        await task
+        await run_until(runner, stopping)
     finally:
         await pool.close()
 
 
 def main(settings: Settings) -> None:
-    async def run() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await serve(settings, stopping)
-
-    asyncio.run(run())
+    main_until_signalled(serve, settings)

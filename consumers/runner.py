@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -176,15 +176,28 @@ async def _start_with_retry(client: Any, what: str, stopping: asyncio.Event) -> 
             delay = min(delay * 2, 5.0)
 
 
-def run_until_signalled(runner: ConsumerRunner[Any]) -> None:
-    """Run a consumer until SIGTERM/SIGINT, then finish the batch in hand and commit."""
-    async def main() -> None:
+async def run_until(runner: ConsumerRunner[Any], stopping: asyncio.Event) -> None:
+    """Run until `stopping` is set; the batch in hand is finished and committed first."""
+    task = asyncio.create_task(runner.run())
+    waiter = asyncio.create_task(stopping.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    runner.stop()
+    waiter.cancel()
+    await task
+
+
+def main_until_signalled(
+    serve: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings
+) -> None:
+    """A consumer process: `serve` until SIGTERM or SIGINT."""
+    async def run() -> None:
+        stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.stop)
-        await runner.run()
+            loop.add_signal_handler(sig, stopping.set)
+        await serve(settings, stopping)
 
-    asyncio.run(main())
+    asyncio.run(run())
 
 
 def json_object(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:

@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stack folder (default: $RELEASE_SERVICE_STACK_DIR or .stack)")
         sub.set_defaults(run=_command(f"stack:cmd_{action}"))
 
-    add("run", "supervisor:cmd_run",
-        "bring up the stack, then run the gateway, relay and consumers until Ctrl-C")
+    run = add("run", "supervisor:cmd_run",
+              "bring up the stack, then run the gateway, relay and consumers until Ctrl-C")
+    run.add_argument("--keep-stack", action="store_true",
+                     help="leave Redis, the broker and PostgreSQL running afterwards")
 
     gateway = add("gateway", "gateway.server:cmd_gateway", "run the HTTP gateway")
     gateway.add_argument("--port", type=int, default=None, help="override HTTP port")
