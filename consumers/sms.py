@@ -169,12 +169,15 @@ class SmsProcessor:
         """None when sent (now or before); otherwise why it was given up."""
         async with self._slots:
             if context is None:
-                await self._pool.execute(
+                reason = "no account phone, release or slot for this booking"
+                recorded = await self._pool.fetchval(
                     "INSERT INTO sms_messages (claim_id, kind, phone, body, status, last_error) "
-                    "VALUES ($1, $2, '', '', 'failed', $3) ON CONFLICT DO NOTHING",
-                    job.claim_id, job.kind, "no account phone, release or slot")
+                    "VALUES ($1, $2, '', '', 'failed', $3) ON CONFLICT DO NOTHING "
+                    "RETURNING claim_id", job.claim_id, job.kind, reason)
+                if recorded is None:
+                    return None  # given up on (or sent) before: dead-lettered then
                 SMS_FAILED.labels(job.kind).inc()
-                return "no account phone, release or slot for this booking"
+                return reason
             text = render(job, context, self._zone)
             status = await self._pool.fetchval(_RESERVE, job.claim_id, job.kind,
                                                context.phone, text)
