@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -227,8 +228,8 @@ def _entry(release_id: str, event: bytes) -> OutboxEntry:
                        claim["person_id"])
 
 
-def _interval(seconds: float) -> str:
-    return f"{seconds} seconds"
+def _interval(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
 
 
 async def reconcile_forever(settings: Settings, redis: AnyRedis,

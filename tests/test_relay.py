@@ -1,0 +1,125 @@
+"""Relay and reconcile: Kafka down, several relays at once, the reconcile command."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from processes import ServiceProcess
+from support import Api, release_definition, residents
+
+from release_service import keys
+
+
+@pytest.fixture
+async def api(gateway_url, stack_settings):
+    async with aiohttp.ClientSession() as session:
+        yield Api(session, gateway_url, stack_settings.admin_token)
+
+
+async def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.2)
+
+
+async def bookings(settings, release_id: str) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM bookings WHERE release_id = $1",
+                                   release_id)
+    finally:
+        await conn.close()
+
+
+async def test_kafka_down_gateway_keeps_claiming_and_readyz_says_so(
+    api, stack, stack_settings, redis
+):
+    release = await api.create_release(release_definition([10]))
+    people = residents(stack_settings, 3)
+    stack.stop("kafka")
+    try:
+        status, _, body = await wait_for(
+            lambda: _ready_down(api), timeout=10)  # the probe caches for 2 s
+        assert status == 503 and body["checks"] == {"redis": "up", "kafka": "down"}
+        for person in people:
+            assert (await api.claim(release["release_id"], person))[0] == 201
+        assert await redis.xlen(keys.outbox_key(release["release_id"])) == 3
+    finally:
+        stack.start("kafka")
+    assert (await wait_for(lambda: _ready_up(api), timeout=10))[0] == 200
+
+
+async def _ready_down(api):
+    answer = await api.call("GET", "/readyz")
+    return answer if answer[0] == 503 else None
+
+
+async def _ready_up(api):
+    answer = await api.call("GET", "/readyz")
+    return answer if answer[0] == 200 else None
+
+
+async def test_two_relays_share_the_outbox_and_every_booking_arrives_once(
+    api, stack_settings, tmp_path, redis
+):
+    release = await api.create_release(release_definition([150]))
+    rid = release["release_id"]
+    people = residents(stack_settings, 150)
+    processes = [
+        ServiceProcess(stack_settings, tmp_path, "relay", name="relay-a"),
+        ServiceProcess(stack_settings, tmp_path, "relay", name="relay-b"),
+        ServiceProcess(stack_settings, tmp_path, "consume", "bookings", name="bookings"),
+    ]
+    for process in processes:
+        process.start()
+    try:
+        results = await asyncio.gather(*(api.claim(rid, p) for p in people))
+        assert [r[0] for r in results] == [201] * 150
+        assert await wait_for(lambda: _count_is(stack_settings, rid, 150)) == 150
+        assert all(p.process is not None and p.process.poll() is None for p in processes)
+        info = await redis.xinfo_groups(keys.outbox_key(rid))
+        assert info[0]["pending"] == 0  # every entry acknowledged, by whichever relay
+    finally:
+        for process in processes:
+            process.stop()
+
+
+async def _count_is(settings, release_id: str, expected: int) -> int | None:
+    count = await bookings(settings, release_id)
+    return count if count == expected else None
+
+
+async def test_reconcile_publishes_what_never_left_the_outbox_then_trims_it(
+    api, stack_settings, tmp_path, redis
+):
+    release = await api.create_release(release_definition([20]))
+    rid = release["release_id"]
+    for person in residents(stack_settings, 20):
+        assert (await api.claim(rid, person))[0] == 201
+    consumer = ServiceProcess(stack_settings, tmp_path, "consume", "bookings",
+                              name="bookings").start()
+    env = {"PATH": "/usr/bin:/bin",
+           "RELEASE_SERVICE_SETTINGS_FILE": str(consumer.settings_file)}
+    cli = str(Path(sys.executable).parent / "release-service")
+    try:
+        # No relay ran: reconcile (grace 0) publishes every entry itself.
+        first = subprocess.run([cli, "reconcile", "--grace", "0"], env=env,
+                               capture_output=True, text=True, check=True, timeout=60)
+        assert "outbox entries: 20" in first.stdout and "republished: 20" in first.stdout
+        assert await wait_for(lambda: _count_is(stack_settings, rid, 20)) == 20
+        second = subprocess.run([cli, "reconcile", "--grace", "0"], env=env,
+                                capture_output=True, text=True, check=True, timeout=60)
+        assert "trimmed: 20" in second.stdout
+        assert await redis.xlen(keys.outbox_key(rid)) == 0
+    finally:
+        consumer.stop()
