@@ -121,6 +121,19 @@ RETURNING status
 """
 
 
+async def load_contexts(pool: asyncpg.Pool, jobs: Sequence[SmsJob]) -> dict[str, SmsContext]:
+    """Phone, release and slot of each job's booking, in one query; absent when unknown."""
+    rows = await pool.fetch(
+        _CONTEXT, [j.claim_id for j in jobs], [j.account_id for j in jobs],
+        [j.release_id for j in jobs], [j.slot_id for j in jobs])
+    return {
+        r["claim_id"]: SmsContext(r["phone"], r["vaccine"], r["dose"], r["clinic_id"],
+                                  r["department"], r["starts_at"])
+        for r in rows if r["phone"] is not None and r["vaccine"] is not None
+        and r["starts_at"] is not None
+    }
+
+
 def _retriable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and exc.retriable
 
@@ -155,15 +168,7 @@ class SmsProcessor:
                 if reason is not None]
 
     async def _contexts(self, jobs: Sequence[SmsJob]) -> dict[str, SmsContext]:
-        rows = await self._pool.fetch(
-            _CONTEXT, [j.claim_id for j in jobs], [j.account_id for j in jobs],
-            [j.release_id for j in jobs], [j.slot_id for j in jobs])
-        return {
-            r["claim_id"]: SmsContext(r["phone"], r["vaccine"], r["dose"], r["clinic_id"],
-                                      r["department"], r["starts_at"])
-            for r in rows if r["phone"] is not None and r["vaccine"] is not None
-            and r["starts_at"] is not None
-        }
+        return await load_contexts(self._pool, jobs)
 
     async def _deliver(self, job: SmsJob, context: SmsContext | None) -> str | None:
         """None when sent (now or before); otherwise why it was given up."""

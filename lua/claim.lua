@@ -16,8 +16,10 @@ ARGV:
   1 release_id
   2..5 code permutation keys (integers below 10^6, from the server's code secret)
   6 n, the number of claims in this batch
-  then 7 values per claim: claim_id account_id person_id slot_id ("" = any slot)
+  then 9 values per claim: claim_id account_id person_id slot_id ("" = any slot)
                            idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
+                           day (YYYYMMDD: any slot on that visit day only; "" = any day)
+                           mode ("claim", or "replay": only answer an idempotent replay)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -26,6 +28,7 @@ Reply: a flat array, two values per claim, in order:
   "not_open", opens_ms | "paused", "" | "closed", "" | "not_found", ""
   "sold_out", next_wave_ms or ""   (next wave: stock is left but not yet released)
   "unknown_slot", "" | "not_eligible", reason | "codes_exhausted", ""
+  "no_replay", ""           mode "replay" and the key was not seen: nothing done
 
 Guarantees: every check runs before the first write of a claim (Redis does not roll back
 a script that fails half-way); a slot's taken count never exceeds its released share of
@@ -101,12 +104,13 @@ local function code_for(seq)
   return string.format('%08d', hi * 10000 + lo)
 end
 
-local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex)
+local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode)
   local idem_field = account_id .. ':' .. ikey
   if ikey ~= '' then
     local earlier = redis.call('HGET', idem, idem_field)
     if earlier then return 'replay', redis.call('HGET', claims, earlier) end
   end
+  if mode == 'replay' then return 'no_replay', '' end
   if window ~= 'open' then return window, window_arg end
   local held = redis.call('HGET', holders, person_id)
   if held then return 'already_claimed', redis.call('HGET', claims, held) end
@@ -118,7 +122,9 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
     if left <= 0 then return 'sold_out', next_wave end
   else
     for s in string.gmatch(m[8], '[^,]+') do
-      if available(s) > 0 then slot = s; break end
+      if (day == '' or redis.call('HGET', slotday, s) == day) and available(s) > 0 then
+        slot = s; break
+      end
     end
     if slot == '' then return 'sold_out', next_wave end
   end
@@ -153,9 +159,9 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
 end
 
 for i = 0, n - 1 do
-  local b = 7 + i * 7
+  local b = 7 + i * 9
   local status, payload = claim_one(ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
-    ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
+    ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import orjson
 
 from . import keys
 from .errors import Closed, NotOpen, Paused, ServiceError, SoldOut
+from .person_script import Limits
 from .redis_client import AnyRedis
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ KEEP_AFTER_CLOSE_MS = 24 * 3600 * 1000
 class ReleaseView:
     release_id: str
     document: dict[str, Any]
+    limits: Limits = field(default_factory=Limits)
     opens_ms: int = 0
     closes_ms: int = 0
     state: str = "scheduled"
@@ -72,10 +75,21 @@ class ReleaseView:
         return {**self.document, "status": self.status(now_ms), "remaining": self.left,
                 "slots": slots}
 
+    def visit_day(self, slot_id: str) -> str | None:
+        """The slot's visit day; with no slot, the first day that still has stock."""
+        for slot in self.document["slots"]:
+            if slot_id == slot["slot_id"] or (
+                not slot_id and self.remaining_by_slot.get(slot["slot_id"], 0) > 0
+            ):
+                return str(slot["visit_day"])
+        return None if slot_id else str(self.document["slots"][0]["visit_day"])
+
 
 class ReleaseCatalog:
-    def __init__(self, redis: AnyRedis, refresh_seconds: float) -> None:
+    def __init__(self, redis: AnyRedis, refresh_seconds: float,
+                 limits: Limits | None = None) -> None:
         self._redis = redis
+        self._limits = limits or Limits()
         self._refresh_seconds = refresh_seconds
         self._views: dict[str, ReleaseView] = {}
         self._clock_offset_ms = 0.0
@@ -123,7 +137,9 @@ class ReleaseCatalog:
             documents = await pipe.execute()
             for rid, doc in zip(new_ids, documents, strict=True):
                 if doc is not None:
-                    known[rid] = ReleaseView(rid, orjson.loads(doc))
+                    document = orjson.loads(doc)
+                    limits = dataclasses.replace(self._limits, **document.get("limits", {}))
+                    known[rid] = ReleaseView(rid, document, limits)
 
         pipe = self._redis.pipeline(transaction=False)
         for rid in ids:

@@ -5,7 +5,6 @@ Nothing else in the code knows the script's ARGV layout or the shape of its repl
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import orjson
 
 from . import keys
+from .booking_codes import code_keys
 from .lua import lua_source
 from .redis_client import AnyRedis
 
@@ -26,6 +26,8 @@ class ClaimRequest:
     idempotency_key: str  # "" = none
     birth: int  # YYYYMMDD
     sex: str
+    day: str = ""  # YYYYMMDD: with slot_id "", any slot on that visit day only
+    replay_only: bool = False  # only answer an idempotent replay; never take stock
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,15 +38,6 @@ class ClaimOutcome:
 
 
 _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
-
-
-def code_keys(code_secret: str) -> list[int]:
-    """Four permutation keys below 10^6 derived from the code secret."""
-    return [
-        int.from_bytes(hashlib.sha256(f"{i}:{code_secret}".encode()).digest()[:8], "big")
-        % 1_000_000
-        for i in range(4)
-    ]
 
 
 def release_keys(release_id: str) -> list[str]:
@@ -69,7 +62,7 @@ class ClaimScript:
         argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
         for r in requests:
             argv += (r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
-                     r.birth, r.sex)
+                     r.birth, r.sex, r.day, "replay" if r.replay_only else "claim")
         reply = await self._script(keys=release_keys(release_id), args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):

@@ -56,6 +56,12 @@ Conflict = _error("Conflict", 409, "conflict", "Conflict")
 SoldOut = _error("SoldOut", 409, "sold_out", "Sold out")
 AlreadyClaimed = _error("AlreadyClaimed", 409, "already_claimed",
                         "This person already holds a claim in this release")
+AlreadyCancelled = _error("AlreadyCancelled", 409, "already_cancelled",
+                          "The booking is already cancelled")
+NotCancellable = _error("NotCancellable", 409, "not_cancellable",
+                        "The booking can no longer be cancelled")
+CancelDeadlinePassed = _error("CancelDeadlinePassed", 409, "cancel_deadline_passed",
+                              "The cancellation deadline has passed")
 AlreadyExists = _error("AlreadyExists", 409, "already_exists", "Already exists")
 IdempotencyKeyReused = _error("IdempotencyKeyReused", 422, "idempotency_key_reused",
                               "Idempotency-Key already used for another request")

@@ -63,6 +63,30 @@ def document_key(release_id: str) -> str:
     return _rel(release_id, "doc")
 
 
+def deadline_key(release_id: str) -> str:
+    """Hash slot_id -> last moment (ms) a booking of the slot may be cancelled."""
+    return _rel(release_id, "deadline")
+
+
+def cancelled_key(release_id: str) -> str:
+    """Hash slot_id -> cancellations so far."""
+    return _rel(release_id, "cancelled")
+
+
+# Person keys: hash tag {person_id}, the person's own Cluster slot (limits across releases).
+
+
+def person_active_key(person_id: str) -> str:
+    """Hash claim_id -> "release|day|clinic|department|claimed_ms" of active bookings.
+    Lifetime: entries leave on cancel, check-in, no-show, or 90 days after booking."""
+    return f"person:{{{person_id}}}:active"
+
+
+def person_ban_key(person_id: str) -> str:
+    """String: banned from booking until (ms); expires with the ban."""
+    return f"person:{{{person_id}}}:ban"
+
+
 # Keys outside any release slot (never touched by a claim script).
 
 RELEASE_INDEX_KEY = "releases:index"

@@ -18,10 +18,6 @@ CLAIMS = Counter(
     "release_claims_total", "Claim attempts by result code (created, replayed, sold_out...)",
     ["result"],
 )
-CLAIM_BATCH_SIZE = Histogram(
-    "release_claim_batch_size", "Claims sent to Redis in one script call",
-    buckets=(1, 2, 4, 8, 16, 32, 64),
-)
 STOCK_REMAINING = Gauge(
     "release_stock_remaining", "Remaining stock per slot of active releases",
     ["release_id", "slot_id"],

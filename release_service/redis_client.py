@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,7 +26,10 @@ def redis_from_url(url: str, *, max_connections: int = 64) -> AnyRedis:
             "redis://" + url[len(CLUSTER_SCHEME):], retry=retry, retry_on_error=list(errors),
             max_connections=max_connections,
         )
-    return Redis.from_url(
-        url, retry=retry, retry_on_error=list(errors), max_connections=max_connections,
-        health_check_interval=30,
+    # Blocking pool: past max_connections a caller waits for a connection (bounded),
+    # instead of failing, so a spike queues briefly rather than erroring.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, retry=retry,
+        retry_on_error=list(errors), health_check_interval=30,
     )
+    return Redis(connection_pool=pool)

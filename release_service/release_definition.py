@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from datetime import datetime
-from typing import Annotated, Literal
+from datetime import datetime, timedelta
+from datetime import time as dt_time
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -61,6 +62,41 @@ class Eligibility(_Strict):
         return self
 
 
+class Cancellation(_Strict):
+    """Free cancellation until `hours_before` the slot, or until `day_before_at` (clinic
+    time) on the day before; never on the slot's own day."""
+
+    hours_before: float | None = Field(default=None, ge=0, le=24 * 30)
+    day_before_at: dt_time | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Cancellation:
+        if self.hours_before is not None and self.day_before_at is not None:
+            raise ValueError("cancellation: give hours_before or day_before_at, not both")
+        return self
+
+    def deadline(self, starts_at: datetime, zone: Any) -> datetime:
+        local = starts_at.astimezone(zone)
+        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.day_before_at is not None:
+            chosen = datetime.combine(local.date() - timedelta(days=1), self.day_before_at,
+                                      tzinfo=zone)
+        else:
+            hours = 24.0 if self.hours_before is None else self.hours_before
+            chosen = local - timedelta(hours=hours)
+        # The last moment is the earlier one; a same-day cancellation is never allowed.
+        return min(chosen, day_start - timedelta(milliseconds=1))
+
+
+class LimitOverrides(_Strict):
+    """Per-person limits for this release; absent ones are the platform's (-1 = none)."""
+
+    same_day_clinic: int | None = Field(default=None, ge=-1, le=100, strict=True)
+    per_day: int | None = Field(default=None, ge=-1, le=100, strict=True)
+    per_7_days: int | None = Field(default=None, ge=-1, le=100, strict=True)
+    per_3_months: int | None = Field(default=None, ge=-1, le=100, strict=True)
+
+
 class ReleaseDefinition(_Strict):
     release_id: Identifier | None = None
     vaccine: Name
@@ -72,6 +108,8 @@ class ReleaseDefinition(_Strict):
     slots: list[SlotDefinition] = Field(min_length=1, max_length=MAX_SLOTS)
     waves: list[Wave] | None = None
     eligibility: Eligibility = Field(default_factory=Eligibility)
+    cancellation: Cancellation = Field(default_factory=Cancellation)
+    limits: LimitOverrides = Field(default_factory=LimitOverrides)
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseDefinition:

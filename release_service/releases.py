@@ -33,7 +33,7 @@ def iso(ms: int, zone: Any) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=zone).isoformat(timespec="milliseconds")
 
 
-def public_document(d: ReleaseDefinition) -> dict[str, Any]:
+def public_document(d: ReleaseDefinition, zone: Any) -> dict[str, Any]:
     """The static part of the release as residents see it (remaining stock is added live)."""
     return {
         "release_id": d.release_id,
@@ -47,9 +47,13 @@ def public_document(d: ReleaseDefinition) -> dict[str, Any]:
             {"opens_at": w.opens_at.isoformat(), "share": w.share} for w in (d.waves or [])
         ],
         "eligibility": d.eligibility.model_dump(exclude_none=True),
+        "cancellation": d.cancellation.model_dump(mode="json", exclude_none=True),
+        "limits": d.limits.model_dump(exclude_none=True),
         "slots": [
             {"slot_id": s.slot_id, "starts_at": s.starts_at.isoformat(),
-             "ends_at": s.ends_at.isoformat(), "capacity": s.capacity}
+             "ends_at": s.ends_at.isoformat(), "capacity": s.capacity,
+             "visit_day": f"{s.starts_at.astimezone(zone):%Y%m%d}",
+             "cancel_until": d.cancellation.deadline(s.starts_at, zone).isoformat()}
             for s in d.slots
         ],
     }
@@ -101,7 +105,11 @@ async def preheat(
     pipe.hset(keys.slot_day_key(rid), mapping={
         s.slot_id: int(s.starts_at.astimezone(zone).strftime("%Y%m%d")) for s in d.slots
     })
-    pipe.set(keys.document_key(rid), orjson.dumps(public_document(d)))
+    pipe.hset(keys.deadline_key(rid), mapping={
+        s.slot_id: epoch_ms(d.cancellation.deadline(s.starts_at, zone)) for s in d.slots
+    })
+    pipe.hset(keys.cancelled_key(rid), mapping={s.slot_id: 0 for s in d.slots})
+    pipe.set(keys.document_key(rid), orjson.dumps(public_document(d, zone)))
     await pipe.execute()
     # The index lives outside the release's slot, so it is written after the release keys.
     await redis.zadd(keys.RELEASE_INDEX_KEY, {rid: epoch_ms(d.closes_at)})
@@ -171,14 +179,16 @@ async def release_stock(redis: AnyRedis, release_id: str) -> tuple[dict[str, Any
     pipe.hgetall(keys.capacity_key(release_id))
     pipe.hgetall(keys.taken_key(release_id))
     pipe.get(keys.document_key(release_id))
-    meta, cap, taken, doc = await pipe.execute()
+    pipe.hgetall(keys.cancelled_key(release_id))
+    meta, cap, taken, doc, cancelled = await pipe.execute()
     if not meta or doc is None:
         raise NotFound(f"no release {release_id}")
     return (
         {k.decode(): v.decode() for k, v in meta.items()},
         {"document": orjson.loads(doc),
          "capacity": {k.decode(): int(v) for k, v in cap.items()},
-         "taken": {k.decode(): int(v) for k, v in taken.items()}},
+         "taken": {k.decode(): int(v) for k, v in taken.items()},
+         "cancelled": {k.decode(): int(v) for k, v in cancelled.items()}},
     )
 
 
@@ -190,7 +200,7 @@ async def admin_view(redis: AnyRedis, release_id: str) -> dict[str, Any]:
         sid = slot["slot_id"]
         capacity, taken = stock["capacity"][sid], stock["taken"][sid]
         slots.append({**slot, "capacity": capacity, "remaining": capacity - taken,
-                      "claimed": taken, "cancelled": 0})
+                      "claimed": taken, "cancelled": stock["cancelled"].get(sid, 0)})
     return {
         **doc,
         "state": meta["state"],
@@ -198,6 +208,7 @@ async def admin_view(redis: AnyRedis, release_id: str) -> dict[str, Any]:
         "capacity": sum(s["capacity"] for s in slots),
         "remaining": int(meta["left"]),
         "claimed": sum(s["claimed"] for s in slots),
+        "cancelled": sum(s["cancelled"] for s in slots),
         "outbox_length": await redis.xlen(keys.outbox_key(release_id)),
         "as_of": datetime.now(UTC).isoformat(timespec="milliseconds"),
     }

@@ -62,6 +62,13 @@ class Settings:
     sms_provider_key: str = _secret()
     sms_rate_per_second: float = 200.0
     sms_max_attempts: int = 5
+    # Platform-wide per-person booking limits (-1 = none); a release may override them.
+    limit_same_day_clinic: int = 1
+    limit_per_day: int = 2
+    limit_per_7_days: int = 3
+    limit_per_3_months: int = 5
+    # How often the no-show pass runs inside the relay process.
+    no_show_interval_seconds: float = 300.0
     redis_appendfsync: str = "everysec"
     reconcile_grace_seconds: float = 30.0
     # A relay's unacknowledged outbox entries this old are taken over by another relay.

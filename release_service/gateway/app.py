@@ -7,18 +7,40 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
+from consumers.sms_providers import provider_from_settings
+
+from ..booking_codes import code_keys
+from ..bookings import BookingStore
+from ..cancel_script import CancelScript
 from ..catalog import ReleaseCatalog
-from ..claim_batcher import ClaimBatcher
 from ..claim_script import ClaimScript
 from ..db import connect_pool
+from ..direct_sms import DirectSms
+from ..person_script import Limits, PersonScript
 from ..redis_client import redis_from_url
 from ..relay import run_relay
 from ..settings import Settings
+from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import claims, health, releases
-from .appkeys import CATALOG, CLAIMS, DATABASE, KAFKA_PROBE, REDIS, SETTINGS, TOKENS
+from . import bookings, claims, health, releases
+from .appkeys import (
+    BOOKINGS,
+    CANCELS,
+    CATALOG,
+    CLAIMS,
+    DATABASE,
+    KAFKA_PROBE,
+    PERSONS_SCRIPT,
+    REDIS,
+    RELEASES,
+    RESERVATIONS,
+    SETTINGS,
+    SMS,
+    TOKENS,
+)
 from .middleware import problems
 from .probes import KafkaProbe
 
@@ -40,7 +62,10 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    catalog = ReleaseCatalog(app[REDIS], app[SETTINGS].release_view_refresh_seconds)
+    settings = app[SETTINGS]
+    platform_limits = Limits(settings.limit_same_day_clinic, settings.limit_per_day,
+                             settings.limit_per_7_days, settings.limit_per_3_months)
+    catalog = ReleaseCatalog(app[REDIS], settings.release_view_refresh_seconds, platform_limits)
     await catalog.refresh()
     app[CATALOG] = catalog
     tasks = [asyncio.create_task(catalog.run()), asyncio.create_task(catalog.listen())]
@@ -52,13 +77,27 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-async def claims_ctx(app: web.Application) -> AsyncIterator[None]:
-    script = ClaimScript(app[REDIS], app[SETTINGS].code_secret)
-    batcher = ClaimBatcher(script)
-    app[CLAIMS] = batcher
+async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, redis = app[SETTINGS], app[REDIS]
+    claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret))
+    persons = PersonScript(redis)
+    reservations = TickBatcher("reserve", persons.reserve)
+    app[CLAIMS], app[RESERVATIONS], app[PERSONS_SCRIPT] = claims, reservations, persons
+    app[RELEASES] = TickBatcher("release", persons.release_batch)
+    app[CANCELS] = CancelScript(redis)
+    app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     yield
     # Script calls already sent have taken stock: let them finish before Redis closes.
-    await batcher.drain()
+    await reservations.drain()
+    await app[RELEASES].drain()
+    await claims.drain()
+
+
+async def sms_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession() as session:
+        provider = provider_from_settings(app[SETTINGS], session)
+        app[SMS] = DirectSms(app[DATABASE], provider, app[SETTINGS])
+        yield
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -76,7 +115,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKENS] = TokenCodec(settings.token_secret, settings.token_ttl_seconds)
     app[KAFKA_PROBE] = KafkaProbe(settings.kafka_bootstrap)
     # Order matters: each context may use the ones before it; cleanup runs in reverse.
-    app.cleanup_ctx.extend([redis_ctx, database_ctx, catalog_ctx, claims_ctx])
+    app.cleanup_ctx.extend([redis_ctx, database_ctx, catalog_ctx, scripts_ctx, sms_ctx])
     if settings.relay_in_gateway:
         app.cleanup_ctx.append(relay_ctx)
 
@@ -87,6 +126,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/releases", releases.list_releases)
     app.router.add_get("/v1/releases/{release_id}", releases.get_release)
     app.router.add_post("/v1/releases/{release_id}/claims", claims.post_claim)
+    app.router.add_get("/v1/bookings", bookings.list_bookings)
+    app.router.add_get("/v1/bookings/{code}", bookings.get_booking)
+    app.router.add_post("/v1/bookings/{code}/cancel", bookings.cancel_booking)
+    app.router.add_post("/v1/bookings/{code}/resend-sms", bookings.resend_sms)
 
     app.router.add_post("/v1/admin/releases", releases.admin_create_release)
     app.router.add_get("/v1/admin/releases/{release_id}", releases.admin_get_release)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from ..bookings import BookingStore
+from ..cancel_script import CancelScript
 from ..catalog import ReleaseCatalog
-from ..claim_batcher import ClaimBatcher
+from ..claim_script import ClaimOutcome, ClaimRequest
+from ..direct_sms import DirectSms
+from ..person_script import PersonScript, Reservation, ReserveOutcome
 from ..redis_client import AnyRedis
 from ..settings import Settings
+from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
 from .probes import KafkaProbe
 
@@ -17,5 +22,11 @@ TOKENS = web.AppKey("tokens", TokenCodec)
 REDIS: web.AppKey[AnyRedis] = web.AppKey("redis")
 DATABASE = web.AppKey("database", asyncpg.Pool)
 CATALOG = web.AppKey("catalog", ReleaseCatalog)
-CLAIMS = web.AppKey("claims", ClaimBatcher)
+CLAIMS: web.AppKey[TickBatcher[ClaimRequest, ClaimOutcome]] = web.AppKey("claims")
+RESERVATIONS: web.AppKey[TickBatcher[Reservation, ReserveOutcome]] = web.AppKey("reservations")
+RELEASES: web.AppKey[TickBatcher[tuple[str, str], None]] = web.AppKey("releases")
+PERSONS_SCRIPT = web.AppKey("persons_script", PersonScript)
+CANCELS = web.AppKey("cancels", CancelScript)
+BOOKINGS = web.AppKey("bookings", BookingStore)
+SMS = web.AppKey("sms", DirectSms)
 KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)

@@ -8,6 +8,7 @@ round trip.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +18,10 @@ from aiohttp import web
 from .. import errors
 from ..claim_script import ClaimOutcome, ClaimRequest
 from ..metrics import CLAIMS as CLAIM_RESULTS
+from ..person_script import Reservation, ReserveOutcome
 from ..releases import add_code_block
 from ..tokens import Principal
-from .appkeys import CATALOG, CLAIMS, DATABASE, REDIS, SETTINGS
+from .appkeys import CATALOG, CLAIMS, DATABASE, REDIS, RELEASES, RESERVATIONS, SETTINGS
 from .auth import resident
 from .bodies import read_json_object
 
@@ -85,6 +87,17 @@ def _refusal(outcome: ClaimOutcome, release_id: str) -> errors.ServiceError:
     return errors.Unavailable(f"claim refused ({status}); try again", retry_after=1)
 
 
+def _reservation_refusal(reserved: ReserveOutcome, zone: Any) -> errors.ServiceError:
+    if reserved.status == "banned":
+        until = datetime.fromtimestamp(int(reserved.detail) / 1000, tz=zone)
+        return errors.Banned(f"booking is suspended until {until:%Y-%m-%d}",
+                             banned_until=until.isoformat())
+    if reserved.status == "already_claimed":
+        return errors.AlreadyClaimed("this person already holds a claim in this release")
+    return errors.LimitReached(f"the {reserved.detail.replace('_', ' ')} booking limit is "
+                               "reached", limit=reserved.detail)
+
+
 async def post_claim(request: web.Request) -> web.Response:
     app = request.app
     principal: Principal = resident(request)
@@ -111,11 +124,38 @@ async def post_claim(request: web.Request) -> web.Response:
         CLAIM_RESULTS.labels("not_your_person").inc()
         raise errors.NotYourPerson("this account may not book for that person")
 
+    day = view.visit_day(slot_id)
+    if day is None:
+        CLAIM_RESULTS.labels("not_found").inc()
+        raise errors.NotFound("no such slot in this release", field="slot_id")
     claim_id = os.urandom(12).hex()
-    outcome = await app[CLAIMS].submit(release_id, ClaimRequest(
+    request_base = ClaimRequest(
         claim_id=claim_id, account_id=principal.account_id, person_id=person_id,
         slot_id=slot_id, idempotency_key=idempotency_key, birth=grant.birth, sex=grant.sex,
-    ))
+        day="" if slot_id else day,
+    )
+    # Limits and bans span releases: reserve on the person's own slot first.
+    doc = view.document
+    reserved = await app[RESERVATIONS].submit("", Reservation(
+        claim_id, person_id, release_id, day, doc["clinic_id"], doc["department"],
+        view.limits))
+    if reserved.status != "ok":
+        outcome = ClaimOutcome("no_replay")
+        if idempotency_key:  # a refused reservation may hide a replay of an earlier win
+            outcome = await app[CLAIMS].submit(release_id,
+                                               replace(request_base, replay_only=True))
+        if outcome.status != "replay":
+            error = _reservation_refusal(reserved, app[SETTINGS].zone)
+            CLAIM_RESULTS.labels(error.code).inc()
+            raise error
+    else:
+        won = False
+        try:
+            outcome = await app[CLAIMS].submit(release_id, request_base)
+            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+        finally:
+            if not won:  # refused, or failed: the reservation must not count
+                await app[RELEASES].submit("", (person_id, claim_id))
     claim = outcome.claim
     # A retried script call (lost reply) finds our own claim: that is a win, not a replay.
     own = claim is not None and claim["claim_id"] == claim_id

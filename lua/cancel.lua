@@ -1,0 +1,49 @@
+--[[ cancel.lua: cancel one claim of a release and give its slot back, atomically.
+
+KEYS (all under the release's hash tag {R}):
+  1 meta       hash   (left)
+  2 taken      hash   slot_id -> active claims
+  3 holders    hash   person_id -> claim_id
+  4 claims     hash   claim_id -> claim JSON
+  5 outbox     stream
+  6 deadline   hash   slot_id -> last moment (ms) a booking of the slot may be cancelled
+  7 cancelled  hash   slot_id -> cancellations
+
+ARGV: 1 claim_id, 2 account_id (the caller: another account's claim is "not_found")
+
+Reply: {"ok", claim JSON} | {"not_found", ""} | {"already_cancelled", claim JSON}
+       | {"not_cancellable", status} | {"cancel_deadline_passed", deadline_ms}
+
+Guarantees: checks before writes; the slot's stock goes up by exactly one, once; the person
+may claim again in this release; a claim.cancelled event joins the outbox with the claim.
+The deadline is checked against Redis TIME.
+]]
+
+local meta, taken, holders, claims, outbox, deadline, cancelled =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local claim_id, account_id = ARGV[1], ARGV[2]
+
+local raw = redis.call('HGET', claims, claim_id)
+if not raw then return {'not_found', ''} end
+local claim = cjson.decode(raw)
+if claim.account_id ~= account_id then return {'not_found', ''} end
+if claim.status == 'cancelled' then return {'already_cancelled', raw} end
+if claim.status ~= 'confirmed' then return {'not_cancellable', claim.status} end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('HGET', deadline, claim.slot_id) or '0')
+if now > last then return {'cancel_deadline_passed', tostring(last)} end
+
+claim.status = 'cancelled'
+claim.cancelled_at_ms = now
+local updated = cjson.encode(claim)
+redis.call('HSET', claims, claim_id, updated)
+redis.call('HINCRBY', taken, claim.slot_id, -1)
+redis.call('HINCRBY', meta, 'left', 1)
+redis.call('HINCRBY', cancelled, claim.slot_id, 1)
+if redis.call('HGET', holders, claim.person_id) == claim_id then
+  redis.call('HDEL', holders, claim.person_id)
+end
+redis.call('XADD', outbox, '*', 'type', 'claim.cancelled', 'e', updated)
+return {'ok', updated}

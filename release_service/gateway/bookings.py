@@ -1,0 +1,103 @@
+"""Resident booking endpoints: list, look up by code, cancel, resend the SMS."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import errors, keys
+from ..bookings import Booking
+from ..releases import iso
+from .appkeys import BOOKINGS, CANCELS, CATALOG, PERSONS_SCRIPT, REDIS, SETTINGS, SMS
+from .auth import resident
+from .claims import claim_body
+
+JSON = "application/json"
+RESENDS_PER_DAY = 3
+
+
+def booking_body(request: web.Request, booking: Booking) -> dict[str, Any]:
+    zone = request.app[SETTINGS].zone
+    body: dict[str, Any] = {
+        "code": booking.code,
+        "status": booking.status,
+        "persisted": booking.persisted,
+        "claim": claim_body(booking.claim_record(), zone),
+    }
+    if booking.cancelled_at_ms:
+        body["cancelled_at"] = iso(booking.cancelled_at_ms, zone)
+    view = request.app[CATALOG].get(booking.release_id)
+    if view is not None:
+        doc = view.document
+        body["release"] = {k: doc[k] for k in ("release_id", "vaccine", "dose", "clinic_id",
+                                                "department")}
+        slot = next((s for s in doc["slots"] if s["slot_id"] == booking.slot_id), None)
+        if slot is not None:
+            body["slot"] = {k: slot[k] for k in ("slot_id", "starts_at", "ends_at",
+                                                  "cancel_until")}
+    return body
+
+
+async def _own_booking(request: web.Request) -> Booking:
+    principal = resident(request)
+    booking = await request.app[BOOKINGS].by_code(request.match_info["code"],
+                                                  principal.account_id)
+    if booking is None:
+        raise errors.NotFound("no booking with this code")
+    return booking
+
+
+async def list_bookings(request: web.Request) -> web.Response:
+    principal = resident(request)
+    found = await request.app[BOOKINGS].of_account(principal.account_id)
+    return web.Response(body=orjson.dumps([booking_body(request, b) for b in found]),
+                        content_type=JSON)
+
+
+async def get_booking(request: web.Request) -> web.Response:
+    booking = await _own_booking(request)
+    return web.Response(body=orjson.dumps(booking_body(request, booking)), content_type=JSON)
+
+
+async def cancel_booking(request: web.Request) -> web.Response:
+    booking = await _own_booking(request)
+    app = request.app
+    outcome = await app[CANCELS](booking.release_id, booking.claim_id, booking.account_id)
+    if outcome.status == "not_found":
+        raise errors.NotFound("no booking with this code")
+    if outcome.status == "already_cancelled":
+        raise errors.AlreadyCancelled("this booking is already cancelled")
+    if outcome.status == "not_cancellable":
+        raise errors.NotCancellable(f"a booking that is {outcome.detail} cannot be cancelled")
+    if outcome.status == "cancel_deadline_passed":
+        deadline = iso(int(outcome.detail), app[SETTINGS].zone)
+        raise errors.CancelDeadlinePassed(f"cancellation closed at {deadline}",
+                                          cancel_until=deadline)
+    assert outcome.claim is not None
+    await app[PERSONS_SCRIPT].release([(booking.person_id, booking.claim_id)])
+    # Stock came back: every gateway's sold-out flag must drop now, not at the next poll.
+    await app[REDIS].publish(keys.RELEASE_EVENTS_CHANNEL, booking.release_id)
+    cancelled = replace(booking, status="cancelled",
+                        cancelled_at_ms=outcome.claim["cancelled_at_ms"])
+    return web.Response(body=orjson.dumps(booking_body(request, cancelled)), content_type=JSON)
+
+
+async def resend_sms(request: web.Request) -> web.Response:
+    booking = await _own_booking(request)
+    if booking.status != "confirmed":
+        raise errors.Conflict(f"the booking is {booking.status}; nothing to resend")
+    app = request.app
+    counter = f"resend:{{{booking.code}}}:{datetime.now(app[SETTINGS].zone):%Y%m%d}"
+    pipe = app[REDIS].pipeline(transaction=True)
+    pipe.incr(counter)
+    pipe.expire(counter, 86400)
+    sent_today, _ = await pipe.execute()
+    if sent_today > RESENDS_PER_DAY:
+        raise errors.RateLimited(f"at most {RESENDS_PER_DAY} resends a day", retry_after=3600)
+    await app[SMS].resend(booking, attempt=sent_today)
+    return web.Response(body=orjson.dumps({"code": booking.code, "resent": True}),
+                        content_type=JSON, status=202)
