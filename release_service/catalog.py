@@ -113,6 +113,13 @@ class ReleaseCatalog:
         if view is not None:
             view.left = 0
 
+    def stock_returned(self, release_id: str, slot_id: str) -> None:
+        """A cancellation gave a unit back: stop shedding at once, until the next poll."""
+        view = self._views.get(release_id)
+        if view is not None:
+            view.left += 1
+            view.remaining_by_slot[slot_id] = view.remaining_by_slot.get(slot_id, 0) + 1
+
     def poke(self) -> None:
         self._wake.set()
 

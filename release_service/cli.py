@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "run a Kafka consumer: bookings (persist to PostgreSQL) or sms (send SMS)")
     consume.add_argument("name", choices=["bookings", "sms"], help="which consumer")
 
+    no_shows = add("no-shows", "attendance:cmd_no_shows",
+                   "mark past unattended bookings as no-shows and ban repeat no-shows "
+                   "(also runs on a timer in the relay)")
+    no_shows.add_argument("--now", default=None,
+                          help="evaluate at this RFC 3339 time instead of now")
+
     token = add("issue-token", "seed:cmd_issue_token",
                 "print a bearer token for an existing account (for curl and operators)")
     token.add_argument("account_id")

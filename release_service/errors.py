@@ -62,6 +62,10 @@ NotCancellable = _error("NotCancellable", 409, "not_cancellable",
                         "The booking can no longer be cancelled")
 CancelDeadlinePassed = _error("CancelDeadlinePassed", 409, "cancel_deadline_passed",
                               "The cancellation deadline has passed")
+PhoneLimit = _error("PhoneLimit", 409, "phone_limit", "This phone backs enough users")
+PersonLimit = _error("PersonLimit", 409, "person_limit", "The account has enough persons")
+HasActiveBooking = _error("HasActiveBooking", 409, "has_active_booking",
+                          "The person has an active booking")
 AlreadyExists = _error("AlreadyExists", 409, "already_exists", "Already exists")
 IdempotencyKeyReused = _error("IdempotencyKeyReused", 422, "idempotency_key_reused",
                               "Idempotency-Key already used for another request")

@@ -213,6 +213,8 @@ class Relay:
 
 async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -> None:
     """A relay with its own Redis client and producer (plus reconcile on a timer)."""
+    from .attendance import no_shows_forever
+    from .db import connect_pool
     from .reconcile import reconcile_forever
 
     redis = redis_from_url(settings.redis_url)
@@ -228,8 +230,11 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
     relay = Relay(settings, redis, producer)
     stop = stopping or asyncio.Event()
     waiter = asyncio.create_task(stop.wait())
+    pool = await connect_pool(settings, max_size=2)
     tasks = [asyncio.create_task(relay.run()),
-             asyncio.create_task(reconcile_forever(settings, redis, producer))]
+             asyncio.create_task(reconcile_forever(settings, redis, producer)),
+             asyncio.create_task(no_shows_forever(pool, redis, settings.zone,
+                                                  settings.no_show_interval_seconds))]
     try:
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -239,6 +244,7 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
         await asyncio.gather(waiter, *tasks, return_exceptions=True)
         with contextlib.suppress(KafkaError):
             await producer.stop()
+        await pool.close()
         await redis.aclose()
 
 

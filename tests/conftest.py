@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).parent))
 
 from processes import ServiceProcess, free_port
+from support import Api
 
 from release_service.settings import Settings, load_settings
 from release_service.stack import Stack
@@ -49,6 +51,13 @@ def gateway_url(stack_settings: Settings, tmp_path_factory: pytest.TempPathFacto
     gateway.wait_http(url + "/healthz")
     yield url
     gateway.stop()
+
+
+@pytest.fixture
+async def api(gateway_url: str, stack_settings: Settings) -> AsyncIterator[Api]:
+    connector = aiohttp.TCPConnector(limit=500)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield Api(session, gateway_url, stack_settings.admin_token)
 
 
 @pytest.fixture

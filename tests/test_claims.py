@@ -6,7 +6,6 @@ import asyncio
 import random
 import time
 
-import aiohttp
 import pytest
 from redis.asyncio import Redis
 from support import Api, release_definition, residents
@@ -306,9 +305,3 @@ def _shift(moment: str, seconds: float) -> str:
 
     return (datetime.fromisoformat(moment) + timedelta(seconds=seconds)).isoformat()
 
-
-@pytest.fixture
-async def api(gateway_url, stack_settings):
-    connector = aiohttp.TCPConnector(limit=500)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield Api(session, gateway_url, stack_settings.admin_token)

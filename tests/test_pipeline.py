@@ -10,7 +10,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -68,11 +67,6 @@ async def pipeline(stack_settings, tmp_path):
     yield running
     running.stop()
 
-
-@pytest.fixture
-async def api(gateway_url, stack_settings):
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as session:
-        yield Api(session, gateway_url, stack_settings.admin_token)
 
 
 async def run_spike(api: Api, release_id: str, people: list[Resident]) -> dict[str, str]:

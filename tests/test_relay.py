@@ -8,19 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import asyncpg
-import pytest
 from processes import ServiceProcess
-from support import Api, release_definition, residents
+from support import release_definition, residents
 
 from release_service import keys
-
-
-@pytest.fixture
-async def api(gateway_url, stack_settings):
-    async with aiohttp.ClientSession() as session:
-        yield Api(session, gateway_url, stack_settings.admin_token)
 
 
 async def wait_for(predicate, timeout: float = 30.0):

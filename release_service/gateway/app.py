@@ -12,6 +12,7 @@ from aiohttp import web
 
 from consumers.sms_providers import provider_from_settings
 
+from ..accounts import OneTimeCodes
 from ..booking_codes import code_keys
 from ..bookings import BookingStore
 from ..cancel_script import CancelScript
@@ -25,7 +26,7 @@ from ..relay import run_relay
 from ..settings import Settings
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import bookings, claims, health, releases
+from . import accounts, bookings, claims, health, releases
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -33,6 +34,7 @@ from .appkeys import (
     CLAIMS,
     DATABASE,
     KAFKA_PROBE,
+    OTP,
     PERSONS_SCRIPT,
     REDIS,
     RELEASES,
@@ -97,6 +99,7 @@ async def sms_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         provider = provider_from_settings(app[SETTINGS], session)
         app[SMS] = DirectSms(app[DATABASE], provider, app[SETTINGS])
+        app[OTP] = OneTimeCodes(app[REDIS], app[SMS], app[SETTINGS].token_secret)
         yield
 
 
@@ -126,6 +129,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/releases", releases.list_releases)
     app.router.add_get("/v1/releases/{release_id}", releases.get_release)
     app.router.add_post("/v1/releases/{release_id}/claims", claims.post_claim)
+    app.router.add_post("/v1/otp", accounts.post_otp)
+    app.router.add_post("/v1/sessions", accounts.post_session)
+    app.router.add_get("/v1/persons", accounts.list_persons)
+    app.router.add_post("/v1/persons", accounts.add_person)
+    app.router.add_delete("/v1/persons/{person_id}", accounts.delete_person)
     app.router.add_get("/v1/bookings", bookings.list_bookings)
     app.router.add_get("/v1/bookings/{code}", bookings.get_booking)
     app.router.add_post("/v1/bookings/{code}/cancel", bookings.cancel_booking)
@@ -136,4 +144,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/admin/releases/{release_id}/pause", releases.admin_pause)
     app.router.add_post("/v1/admin/releases/{release_id}/resume", releases.admin_resume)
     app.router.add_post("/v1/admin/releases/{release_id}/close", releases.admin_close)
+    app.router.add_post("/v1/admin/bookings/{code}/check-in", bookings.admin_check_in)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from ..accounts import OneTimeCodes
 from ..bookings import BookingStore
 from ..cancel_script import CancelScript
 from ..catalog import ReleaseCatalog
@@ -29,4 +30,5 @@ PERSONS_SCRIPT = web.AppKey("persons_script", PersonScript)
 CANCELS = web.AppKey("cancels", CancelScript)
 BOOKINGS = web.AppKey("bookings", BookingStore)
 SMS = web.AppKey("sms", DirectSms)
+OTP = web.AppKey("otp", OneTimeCodes)
 KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)

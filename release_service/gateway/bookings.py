@@ -10,10 +10,11 @@ import orjson
 from aiohttp import web
 
 from .. import errors, keys
-from ..bookings import Booking
+from ..attendance import check_in
+from ..bookings import Booking, from_row
 from ..releases import iso
-from .appkeys import BOOKINGS, CANCELS, CATALOG, PERSONS_SCRIPT, REDIS, SETTINGS, SMS
-from .auth import resident
+from .appkeys import BOOKINGS, CANCELS, CATALOG, DATABASE, PERSONS_SCRIPT, REDIS, SETTINGS, SMS
+from .auth import require_admin, resident
 from .claims import claim_body
 
 JSON = "application/json"
@@ -80,6 +81,7 @@ async def cancel_booking(request: web.Request) -> web.Response:
     assert outcome.claim is not None
     await app[PERSONS_SCRIPT].release([(booking.person_id, booking.claim_id)])
     # Stock came back: every gateway's sold-out flag must drop now, not at the next poll.
+    app[CATALOG].stock_returned(booking.release_id, booking.slot_id)
     await app[REDIS].publish(keys.RELEASE_EVENTS_CHANNEL, booking.release_id)
     cancelled = replace(booking, status="cancelled",
                         cancelled_at_ms=outcome.claim["cancelled_at_ms"])
@@ -101,3 +103,10 @@ async def resend_sms(request: web.Request) -> web.Response:
     await app[SMS].resend(booking, attempt=sent_today)
     return web.Response(body=orjson.dumps({"code": booking.code, "resent": True}),
                         content_type=JSON, status=202)
+
+
+async def admin_check_in(request: web.Request) -> web.Response:
+    require_admin(request)
+    row = await check_in(request.app[DATABASE], request.app[REDIS], request.match_info["code"])
+    return web.Response(body=orjson.dumps(booking_body(request, from_row(row))),
+                        content_type=JSON)
