@@ -211,3 +211,32 @@ async def test_poison_message_goes_to_dead_letter_and_the_partition_moves_on(
     values = {r.value for r in found}
     assert {b"\xff not json", b'{"claim_id": 5}', b"[]"} <= values
     assert all(dict(r.headers).get("reason") for r in found)
+
+
+async def test_cancellation_reaches_the_database_and_sends_its_sms(api, db, people, pipeline):
+    release = await api.create_release(release_definition([3]))
+    rid = release["release_id"]
+    resident = people[0]
+    status, _, claim = await api.claim(rid, resident)
+    assert status == 201
+    status, _, body = await api.call("POST", f"/v1/bookings/{claim['code']}/cancel",
+                                     headers=resident.headers)
+    assert status == 200 and body["status"] == "cancelled"
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = await db.fetchrow("SELECT status, cancelled_at FROM bookings WHERE claim_id = $1",
+                                claim["claim_id"])
+        kinds = {r["kind"] for r in await db.fetch(
+            "SELECT kind FROM sms_messages WHERE claim_id = $1 AND status = 'sent'",
+            claim["claim_id"])}
+        if row is not None and row["status"] == "cancelled" and len(kinds) == 2:
+            break
+        await asyncio.sleep(0.2)
+    assert row is not None and row["status"] == "cancelled" and row["cancelled_at"]
+    assert kinds == {"confirmation", "cancellation"}
+    texts = [line["text"] for line in pipeline.sms_lines() if claim["code"] in line["text"]]
+    assert len(texts) == 2 and any("已取消" in text for text in texts)
+    status, _, body = await api.call("GET", f"/v1/bookings/{claim['code']}",
+                                     headers=resident.headers)
+    assert body["status"] == "cancelled" and body["persisted"] is True
