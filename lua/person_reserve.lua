@@ -8,11 +8,11 @@ person in two releases are serialised here, so a limit of 1 is never passed twic
 Fail closed: a reservation left by a crashed gateway still counts until reconcile removes it.
 
 KEYS: 1 active  hash  claim_id -> "release_id|day|clinic|department|claimed_ms"
-      2 ban     string: banned until (ms)
+      2 ban     string: banned until (ms); "removed" once the person left the account
 ARGV: 1 claim_id  2 release_id  3 day (YYYYMMDD)  4 clinic  5 department
       6 same_day_clinic  7 per_day  8 per_7_days  9 per_3_months   (limits; -1 = none)
 
-Reply: {"ok", ""} | {"banned", until_ms} | {"already_claimed", ""}
+Reply: {"ok", ""} | {"banned", until_ms} | {"already_claimed", ""} | {"removed", ""}
        | {"limit_reached", "same_day_clinic" | "per_day" | "per_7_days" | "per_3_months"}
 ]]
 
@@ -25,7 +25,10 @@ local names = {'same_day_clinic', 'per_day', 'per_7_days', 'per_3_months'}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local until_ms = tonumber(redis.call('GET', ban) or '0')
+local ban_value = redis.call('GET', ban)
+-- Tokens issued before a person was removed still name them: refuse here, no I/O there.
+if ban_value == 'removed' then return {'removed', ''} end
+local until_ms = tonumber(ban_value or '0')
 if now < until_ms then return {'banned', tostring(until_ms)} end
 
 local week, quarter = now - 7 * 86400000, now - 90 * 86400000

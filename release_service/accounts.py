@@ -210,4 +210,7 @@ async def remove_person(pool: asyncpg.Pool, redis: AnyRedis, account_id: str,
         if active or await redis.hlen(keys.person_active_key(person_id)):
             raise errors.HasActiveBooking("this person has an active booking; cancel it first")
         await conn.execute("DELETE FROM persons WHERE person_id = $1", person_id)
+        # Tokens issued earlier still name the person: the claim path refuses them from
+        # this marker (person ids are never reused). Set before the commit: fail closed.
+        await redis.set(keys.person_ban_key(person_id), "removed")
         return await persons_of(conn, account_id)

@@ -466,6 +466,9 @@ async def test_family_members(api, stack_settings):
     status, _, body = await api.call("DELETE", f"/v1/persons/{child['person_id']}",
                                      headers=headers)
     assert status == 200 and len(body["persons"]) == 4
+    # The old token still names the child; the claim path refuses it all the same.
+    status, _, body = await api.claim(release["release_id"], me)
+    assert (status, body["code"]) == (403, "not_your_person")
 
 
 async def test_rules_use_the_clinic_zone(api, stack_settings):

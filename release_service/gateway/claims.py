@@ -92,6 +92,8 @@ def _reservation_refusal(reserved: ReserveOutcome, zone: Any) -> errors.ServiceE
         until = datetime.fromtimestamp(int(reserved.detail) / 1000, tz=zone)
         return errors.Banned(f"booking is suspended until {until:%Y-%m-%d}",
                              banned_until=until.isoformat())
+    if reserved.status == "removed":
+        return errors.NotYourPerson("this person was removed from the account")
     if reserved.status == "already_claimed":
         return errors.AlreadyClaimed("this person already holds a claim in this release")
     return errors.LimitReached(f"the {reserved.detail.replace('_', ' ')} booking limit is "
