@@ -7,6 +7,7 @@ round trip.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import replace
 from datetime import datetime
@@ -26,6 +27,9 @@ from .auth import resident
 from .bodies import read_json_object
 
 MAX_IDEMPOTENCY_KEY = 128
+# How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
+TWIN_WAIT_STEPS = 20
+TWIN_WAIT_SECONDS = 0.01
 MAX_ID = 64
 
 
@@ -138,19 +142,25 @@ async def post_claim(request: web.Request) -> web.Response:
     )
     # Limits and bans span releases: reserve on the person's own slot first.
     doc = view.document
-    reserved = await app[RESERVATIONS].submit("", Reservation(
-        claim_id, person_id, release_id, day, doc["clinic_id"], doc["department"],
-        view.limits))
-    if reserved.status != "ok":
-        outcome = ClaimOutcome("no_replay")
-        if idempotency_key:  # a refused reservation may hide a replay of an earlier win
-            outcome = await app[CLAIMS].submit(release_id,
-                                               replace(request_base, replay_only=True))
-        if outcome.status != "replay":
-            error = _reservation_refusal(reserved, app[SETTINGS].zone)
-            CLAIM_RESULTS.labels(error.code).inc()
-            raise error
-    else:
+    reservation = Reservation(claim_id, person_id, release_id, day, doc["clinic_id"],
+                              doc["department"], view.limits)
+    reserved = await app[RESERVATIONS].submit("", reservation)
+    outcome = ClaimOutcome("no_replay")
+    for _ in range(TWIN_WAIT_STEPS if idempotency_key else 0):
+        if reserved.status == "ok":
+            break
+        # Refused, perhaps because a twin with this key holds the reservation: its claim
+        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
+        outcome = await app[CLAIMS].submit(release_id, replace(request_base, replay_only=True))
+        if outcome.status == "replay" or reserved.status != "already_claimed":
+            break
+        await asyncio.sleep(TWIN_WAIT_SECONDS)
+        reserved = await app[RESERVATIONS].submit("", reservation)
+    if reserved.status != "ok" and outcome.status != "replay":
+        error = _reservation_refusal(reserved, app[SETTINGS].zone)
+        CLAIM_RESULTS.labels(error.code).inc()
+        raise error
+    if reserved.status == "ok":
         won = False
         try:
             outcome = await app[CLAIMS].submit(release_id, request_base)

@@ -1,0 +1,201 @@
+"""The release-spike scenario operators run before a big release.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless \\
+        --users 2000 --spawn-rate 500 --run-time 60s \\
+        --users-file users.jsonl --admin-token "$ADMIN" --create-release 500 \\
+        --csv loadtest/results/spike --html loadtest/results/spike.html
+
+Residents (from a `release-service seed-users` file) wait for the opening, claim (some for
+a family member, some retrying with the same Idempotency-Key as a flaky phone would),
+look up their booking, and some cancel; browsers poll the release page. At the end the
+invariants are checked through the admin API (claimed + remaining = capacity, every 201
+a distinct code, no 5xx) and the exit code says whether they held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import secrets
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import orjson
+from locust import FastHttpUser, between, events, task
+from locust.env import Environment
+
+CLAIM = "/v1/releases/[id]/claims"
+
+
+class Shared:
+    """What every simulated user of this process shares."""
+
+    accounts: ClassVar[list[dict[str, Any]]] = []
+    next_account = itertools.count()
+    release_id = ""
+    capacity = 0
+    codes: ClassVar[dict[str, str]] = {}  # code -> claim id, to find double-issued codes
+    duplicate_codes = 0
+    lock = threading.Lock()
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument("--users-file", default="users.jsonl",
+                        help="seed-users output: one account per line")
+    parser.add_argument("--release-id", default="", help="the release under test")
+    parser.add_argument("--admin-token", default="", is_secret=True,
+                        help="admin token: creates the release and checks the invariants")
+    parser.add_argument("--create-release", type=int, default=0,
+                        help="create a release with this many slots of stock, opening in "
+                             "--opens-in seconds")
+    parser.add_argument("--opens-in", type=float, default=5.0,
+                        help="seconds from the start until the created release opens")
+    parser.add_argument("--cancel-share", type=float, default=0.05,
+                        help="share of winners who cancel again")
+
+
+def _admin(environment: Environment) -> dict[str, str]:
+    return {"Authorization": f"Bearer {environment.parsed_options.admin_token}"}
+
+
+@events.test_start.add_listener
+def _start(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    Shared.accounts = [orjson.loads(line) for line in
+                       Path(options.users_file).read_bytes().splitlines() if line.strip()]
+    Shared.release_id = options.release_id
+    if options.create_release:
+        import urllib.request
+
+        opens = datetime.now(UTC) + timedelta(seconds=options.opens_in)
+        day = datetime.now(UTC) + timedelta(days=7)
+        slots = [{"slot_id": f"slot-{i}", "starts_at": (day + timedelta(hours=i)).isoformat(),
+                  "ends_at": (day + timedelta(hours=i + 1)).isoformat(),
+                  "capacity": options.create_release // 4 + (i < options.create_release % 4)}
+                 for i in range(4)]
+        definition = {"release_id": f"locust-{secrets.token_hex(4)}", "vaccine": "HPV9",
+                      "dose": 1, "clinic_id": "locust-clinic", "department": "vaccination",
+                      "opens_at": opens.isoformat(),
+                      "closes_at": (opens + timedelta(hours=1)).isoformat(), "slots": slots}
+        request = urllib.request.Request(
+            environment.host + "/v1/admin/releases", data=orjson.dumps(definition),
+            headers={**_admin(environment), "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            Shared.release_id = orjson.loads(response.read())["release_id"]
+    if not Shared.release_id:
+        raise SystemExit("give --release-id or --create-release N")
+
+
+class Resident(FastHttpUser):
+    """One account: waits for the opening, claims once, looks the booking up."""
+
+    weight = 9
+    wait_time = between(0.05, 0.3)
+
+    def on_start(self) -> None:
+        index = next(Shared.next_account)
+        if index >= len(Shared.accounts):
+            raise SystemExit("more users than accounts in --users-file")
+        self.account = Shared.accounts[index]
+        self.headers = {"Authorization": f"Bearer {self.account['token']}"}
+        self.done = False
+
+    @task
+    def book(self) -> None:
+        if self.done:
+            self.look_up_or_idle()
+            return
+        persons = self.account["person_ids"]
+        person = random.choice(persons) if len(persons) > 1 and random.random() < 0.3 \
+            else persons[0]
+        headers = dict(self.headers)
+        flaky = random.random() < 0.2
+        if flaky:
+            headers["Idempotency-Key"] = secrets.token_hex(8)
+        for attempt in range(2 if flaky else 1):  # a flaky phone sends it twice
+            with self.client.post(f"/v1/releases/{Shared.release_id}/claims",
+                                  json={"person_id": person}, headers=headers, name=CLAIM,
+                                  catch_response=True) as response:
+                self.on_claim(response, replay=attempt == 1)
+
+    def on_claim(self, response: Any, replay: bool) -> None:
+        status = response.status_code
+        if status == 201:
+            body = response.json()
+            with Shared.lock:
+                earlier = Shared.codes.setdefault(body["code"], body["claim_id"])
+                if earlier != body["claim_id"]:
+                    Shared.duplicate_codes += 1
+            self.code = body["code"]
+            self.done = True
+            response.success()
+        elif status == 425:  # not open yet: wait as a phone would, then try again
+            response.success()
+            time.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
+        elif status in (409, 403, 410):  # sold out, limits, closed: an answer, not a failure
+            response.success()
+            self.done = True
+            self.code = ""
+        elif status == 429:
+            response.success()
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+        else:
+            response.failure(f"claim answered {status}")
+
+    def look_up_or_idle(self) -> None:
+        if not self.code:
+            self.stop()
+            return
+        self.client.get(f"/v1/bookings/{self.code}", headers=self.headers,
+                        name="/v1/bookings/[code]")
+        if random.random() < self.environment.parsed_options.cancel_share:
+            self.client.post(f"/v1/bookings/{self.code}/cancel", headers=self.headers,
+                             name="/v1/bookings/[code]/cancel")
+        self.stop()
+
+
+class Browser(FastHttpUser):
+    """Somebody refreshing the release page."""
+
+    weight = 1
+    wait_time = between(0.5, 2)
+
+    @task
+    def page(self) -> None:
+        self.client.get(f"/v1/releases/{Shared.release_id}", name="/v1/releases/[id]")
+
+
+@events.quitting.add_listener
+def _check_invariants(environment: Environment, **_: Any) -> None:
+    """Set the exit code: 1 when any invariant does not hold."""
+    import urllib.request
+
+    problems = []
+    total = environment.stats.total
+    if Shared.duplicate_codes:
+        problems.append(f"{Shared.duplicate_codes} codes issued twice")
+    if environment.parsed_options.admin_token:
+        request = urllib.request.Request(
+            f"{environment.host}/v1/admin/releases/{Shared.release_id}",
+            headers=_admin(environment))
+        with urllib.request.urlopen(request, timeout=10) as response:
+            view = orjson.loads(response.read())
+        for slot in view["slots"]:
+            if slot["claimed"] + slot["remaining"] != slot["capacity"] or slot["remaining"] < 0:
+                problems.append(f"slot {slot['slot_id']} does not add up: {slot}")
+        if view["remaining"] == 0 and view["claimed"] != view["capacity"]:
+            problems.append("sold out but claimed differs from capacity")
+        print(f"release {Shared.release_id}: capacity {view['capacity']}, claimed "
+              f"{view['claimed']}, cancelled {view['cancelled']}, remaining {view['remaining']}")
+    if total.num_failures:
+        problems.append(f"{total.num_failures} failed requests (5xx or unexpected answers)")
+    print(f"requests: {total.num_requests}, failures: {total.num_failures}, "
+          f"distinct codes: {len(Shared.codes)}")
+    for problem in problems:
+        print("INVARIANT BROKEN:", problem)
+    environment.process_exit_code = 1 if problems else 0
+

@@ -1,0 +1,40 @@
+"""The ceiling: the smallest aiohttp handler on uvloop, a pre-encoded JSON body.
+
+    python loadtest/minimal_server.py PORT [PROCESSES]
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+import orjson
+import uvloop
+from aiohttp import web
+
+BODY = orjson.dumps({"claim_id": "0" * 24, "code": "12345678", "status": "confirmed"})
+
+
+async def handler(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=201, body=BODY, content_type="application/json")
+
+
+def serve(port: int, reuse_port: bool) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                reuse_port=reuse_port, loop=uvloop.new_event_loop())
+
+
+if __name__ == "__main__":
+    port, processes = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    if processes == 1:
+        serve(port, False)
+    else:
+        children = [multiprocessing.Process(target=serve, args=(port, True))
+                    for _ in range(processes)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
