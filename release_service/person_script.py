@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
 
 from . import keys
 from .lua import lua_source
@@ -40,20 +44,36 @@ class ReserveOutcome:
 class PersonScript:
     def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
         self._reserve = redis.register_script(lua_source("person_reserve.lua"))
 
     async def reserve(self, _key: str, batch: Sequence[Reservation]) -> list[ReserveOutcome]:
-        """One pipeline for the batch: the persons live on different slots."""
-        pipe = self._redis.pipeline(transaction=False)
+        """One script call per Cluster slot of the batch (one call on a single Redis)."""
+        groups: dict[int, list[int]] = {}
+        for index, r in enumerate(batch):
+            groups.setdefault(self._slot_of(r.person_id), []).append(index)
+        outcomes: list[ReserveOutcome] = [ReserveOutcome("")] * len(batch)
+        replies = await asyncio.gather(*(self._call([batch[i] for i in members])
+                                         for members in groups.values()))
+        for members, reply in zip(groups.values(), replies, strict=True):
+            for position, index in enumerate(members):
+                outcomes[index] = ReserveOutcome(reply[2 * position].decode(),
+                                                 reply[2 * position + 1].decode())
+        return outcomes
+
+    def _slot_of(self, person_id: str) -> int:
+        return key_slot(keys.person_active_key(person_id).encode()) if self._cluster else 0
+
+    async def _call(self, batch: Sequence[Reservation]) -> list[bytes]:
+        script_keys: list[str] = []
+        args: list[str | int] = []
         for r in batch:
             lim = r.limits
-            await self._reserve(
-                keys=[keys.person_active_key(r.person_id), keys.person_ban_key(r.person_id)],
-                args=[r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
-                      lim.same_day_clinic, lim.per_day, lim.per_7_days, lim.per_3_months],
-                client=pipe)  # type: ignore[arg-type]  # a pipeline queues the call
-        replies = await pipe.execute()
-        return [ReserveOutcome(s.decode(), d.decode()) for s, d in replies]
+            script_keys += (keys.person_active_key(r.person_id), keys.person_ban_key(r.person_id))
+            args += (r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
+                     lim.same_day_clinic, lim.per_day, lim.per_7_days, lim.per_3_months)
+        reply: list[bytes] = await self._reserve(keys=script_keys, args=args)
+        return reply
 
     async def release(self, entries: Sequence[tuple[str, str]]) -> list[None]:
         """Remove (person_id, claim_id) reservations: the claim did not happen, or the

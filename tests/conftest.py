@@ -29,10 +29,12 @@ def stack() -> Iterator[Stack]:
     # Not under pytest's private tmp folder: PostgreSQL runs as another user here.
     folder = Path(tempfile.mkdtemp(prefix="release-service-test-stack-"))
     running = Stack(folder)
-    running.up()
-    yield running
-    running.down()
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        running.up()
+        yield running
+    finally:
+        running.down()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

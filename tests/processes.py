@@ -59,7 +59,12 @@ class ServiceProcess:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # never leave a process behind
+                self.process.kill()
+                self.process.wait()
+                raise
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
