@@ -16,10 +16,11 @@ ARGV:
   1 release_id
   2..5 code permutation keys (integers below 10^6, from the server's code secret)
   6 n, the number of claims in this batch
-  then 9 values per claim: claim_id account_id person_id slot_id ("" = any slot)
-                           idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
-                           day (YYYYMMDD: any slot on that visit day only; "" = any day)
-                           mode ("claim", or "replay": only answer an idempotent replay)
+  then one value per claim, 9 fields joined by "\31" (one argument is cheaper to send
+  than nine): claim_id account_id person_id slot_id ("" = any slot)
+              idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
+              day (YYYYMMDD: any slot on that visit day only; "" = any day)
+              mode ("claim", or "replay": only answer an idempotent replay)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -158,10 +159,19 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   return 'ok', claim
 end
 
+local function fields(packed)
+  local out, start = {}, 1
+  while true do
+    local stop = string.find(packed, '\31', start, true)
+    if not stop then out[#out + 1] = string.sub(packed, start); return out end
+    out[#out + 1] = string.sub(packed, start, stop - 1)
+    start = stop + 1
+  end
+end
+
 for i = 0, n - 1 do
-  local b = 7 + i * 9
-  local status, payload = claim_one(ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
-    ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
+  local f = fields(ARGV[7 + i])
+  local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9])
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

@@ -11,8 +11,8 @@ A batch of persons per call (the gateway groups a tick's claims by Cluster slot;
 single Redis that is one call), two keys per person:
 KEYS: 2i-1 active  hash  claim_id -> "release_id|day|clinic|department|claimed_ms"
       2i   ban     string: banned until (ms); "removed" once the person left the account
-ARGV: 9 values per person: claim_id release_id day (YYYYMMDD) clinic department
-      same_day_clinic per_day per_7_days per_3_months   (limits; -1 = none)
+ARGV: one value per person, 9 fields joined by "\31": claim_id release_id day (YYYYMMDD)
+      clinic department same_day_clinic per_day per_7_days per_3_months (-1 = no limit)
 
 Reply: a flat array, two values per person, in order:
        "ok", "" | "banned", until_ms | "already_claimed", "" | "removed", ""
@@ -58,12 +58,19 @@ local function reserve(active, ban, a)
   return 'ok', ''
 end
 
+local function fields(packed)
+  local out, start = {}, 1
+  while true do
+    local stop = string.find(packed, '\31', start, true)
+    if not stop then out[#out + 1] = string.sub(packed, start); return out end
+    out[#out + 1] = string.sub(packed, start, stop - 1)
+    start = stop + 1
+  end
+end
+
 local reply = {}
 for i = 0, #KEYS / 2 - 1 do
-  local b = i * 9
-  local status, detail = reserve(KEYS[2 * i + 1], KEYS[2 * i + 2],
-    {ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6],
-     ARGV[b + 7], ARGV[b + 8], ARGV[b + 9]})
+  local status, detail = reserve(KEYS[2 * i + 1], KEYS[2 * i + 2], fields(ARGV[i + 1]))
   reply[#reply + 1] = status
   reply[#reply + 1] = detail
 end

@@ -37,6 +37,9 @@ class ClaimOutcome:
     detail: str = ""
 
 
+# Joins a claim's fields into one script argument; never in a validated field (printable).
+SEPARATOR = "\x1f"
+
 _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
 
 
@@ -61,8 +64,9 @@ class ClaimScript:
     ) -> list[ClaimOutcome]:
         argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
         for r in requests:
-            argv += (r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
-                     r.birth, r.sex, r.day, "replay" if r.replay_only else "claim")
+            argv.append(SEPARATOR.join((
+                r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
+                str(r.birth), r.sex, r.day, "replay" if r.replay_only else "claim")))
         reply = await self._script(keys=release_keys(release_id), args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):

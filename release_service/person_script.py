@@ -10,6 +10,7 @@ from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from . import keys
+from .claim_script import SEPARATOR
 from .lua import lua_source
 from .redis_client import AnyRedis
 
@@ -66,12 +67,14 @@ class PersonScript:
 
     async def _call(self, batch: Sequence[Reservation]) -> list[bytes]:
         script_keys: list[str] = []
-        args: list[str | int] = []
+        args: list[str] = []
         for r in batch:
             lim = r.limits
             script_keys += (keys.person_active_key(r.person_id), keys.person_ban_key(r.person_id))
-            args += (r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
-                     lim.same_day_clinic, lim.per_day, lim.per_7_days, lim.per_3_months)
+            args.append(SEPARATOR.join((
+                r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
+                str(lim.same_day_clinic), str(lim.per_day), str(lim.per_7_days),
+                str(lim.per_3_months))))
         reply: list[bytes] = await self._reserve(keys=script_keys, args=args)
         return reply
 

@@ -1,0 +1,476 @@
+"""Benchmark harness: one command, a few minutes, every figure measured in the same run.
+
+    python loadtest/bench.py [--duration 8] [--connections 64] [--processes 1]
+
+Starts its own stack (Redis, broker, PostgreSQL) in a scratch folder, then measures with
+wrk (a non-Python load generator, so the generator is not the bottleneck) on loopback:
+
+- minimal     the ceiling: the smallest aiohttp handler returning pre-encoded JSON
+- claim_win   our claim endpoint on the winning path: full rules (token, reservation of
+              per-person limits, eligibility, idempotency check, stock, code, outbox);
+              every request is a different resident
+- sold_out    our claim endpoint on a sold-out release (answered from the local view)
+- not_open    our claim endpoint before the opening
+- naive_sql   the naive relational design: 50 clients, SELECT ... FOR UPDATE on the stock
+              row, update, insert the booking, commit
+
+then the pipeline: the bookings consumer's drain rate on the claims just made, and the
+time from the last 201 of a spike to its last booking row. Prints a table and the ratios
+against the minimal handler, writes JSON (to compare runs) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+from tqdm import tqdm
+
+from release_service.settings import Settings, load_settings, write_settings_file
+from release_service.stack import Stack
+from release_service.tokens import PersonGrant, TokenCodec
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent / "release-service"
+WRK_SCRIPT = HERE / "wrk_claims.lua"
+
+
+@dataclass
+class Row:
+    name: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_request: float | None = None
+    redis_cpu_percent: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    machine: str
+    started_at: str
+    settings: dict[str, object]
+    rows: list[Row] = field(default_factory=list)
+    pipeline: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, bool] = field(default_factory=dict)
+    persisted_timeline: list[tuple[float, int]] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of the processes and their children (clock ticks to seconds)."""
+    total = 0
+    for pid in pids:
+        for task in [pid, *children_of(pid)]:
+            try:
+                fields = Path(f"/proc/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in found]
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def wrk(url: str, duration: float, connections: int, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s", str(WRK_SCRIPT), url],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+        cwd=HERE).stdout
+    match = re.search(r"WRK_JSON (\{.*\})", out)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    data: dict[str, float] = json.loads(match[1])
+    return data
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.folder = Path(tempfile.mkdtemp(prefix="release-bench-"))
+        self.folder.chmod(0o755)  # PostgreSQL runs as another user when we are root
+        self.stack = Stack(self.folder / "stack")
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.report = Report(
+            machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+                    f"Python {platform.python_version()}",
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            settings={"duration_s": args.duration, "connections": args.connections,
+                      "gateway_processes": args.processes})
+
+    # -- processes -------------------------------------------------------------------------
+    def start(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.folder / f"{argv[0].split('/')[-1]}-{len(self.processes)}.log").open("wb")
+        process = subprocess.Popen(list(argv), stdout=log, stderr=log,
+                                   env={**os.environ, **(env or {})})
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def close(self) -> None:
+        for process in self.processes:
+            self.stop(process)
+        self.stack.down()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        print("starting the stack…", file=sys.stderr)
+        values = self.stack.up()
+        self.settings: Settings = load_settings(environ={}, **values)
+        self.settings_file = self.folder / "bench.env"
+        write_settings_file(self.settings_file, {
+            **values, "http_port": free_port(), "gateway_processes": self.args.processes,
+            "log_level": "WARNING", "reconcile_grace_seconds": 3600})
+        self.env = {"RELEASE_SERVICE_SETTINGS_FILE": str(self.settings_file)}
+        self.port = int(load_settings({"RELEASE_SERVICE_SETTINGS_FILE":
+                                       str(self.settings_file)}).http_port)
+        self.gateway = self.start(str(BIN), "gateway", env=self.env)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.minimal_port = free_port()
+        self.minimal = self.start(sys.executable, str(HERE / "minimal_server.py"),
+                                  str(self.minimal_port), str(self.args.processes))
+        wait_http(self.base + "/healthz")
+        wait_http(f"http://127.0.0.1:{self.minimal_port}/")
+
+    def residents_file(self, count: int, name: str) -> Path:
+        codec = TokenCodec(self.settings.token_secret, 3600)
+        path = self.folder / f"{name}.txt"
+        with path.open("w") as out:
+            for _ in tqdm(range(count), desc=f"tokens for {name}", unit="resident",
+                          file=sys.stderr, leave=False):
+                person = "p" + secrets.token_hex(6)
+                token = codec.issue("a" + person, [PersonGrant(person, 19950101, "F")])
+                out.write(f"{token} {person}\n")
+        return path
+
+    def create_release(self, capacity: int, opens_in: float = -60) -> str:
+        release_id = f"bench-{secrets.token_hex(4)}"
+        now = datetime.now(UTC)
+        day = now + timedelta(days=10)
+        definition = {
+            "release_id": release_id, "vaccine": "HPV9", "dose": 1, "clinic_id": "bench",
+            "opens_at": (now + timedelta(seconds=opens_in)).isoformat(),
+            "closes_at": (now + timedelta(hours=6)).isoformat(),
+            "slots": [{"slot_id": "s0", "starts_at": day.isoformat(),
+                       "ends_at": (day + timedelta(hours=1)).isoformat(), "capacity": capacity}],
+        }
+        request = urllib.request.Request(
+            self.base + "/v1/admin/releases", data=json.dumps(definition).encode(),
+            headers={"Authorization": f"Bearer {self.settings.admin_token}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+        time.sleep(0.5)  # every gateway process's view has it
+        return release_id
+
+    def admin_view(self, release_id: str) -> dict[str, object]:
+        request = urllib.request.Request(
+            f"{self.base}/v1/admin/releases/{release_id}",
+            headers={"Authorization": f"Bearer {self.settings.admin_token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data: dict[str, object] = json.loads(response.read())
+            return data
+
+    # -- scenarios -------------------------------------------------------------------------
+    def measure(self, name: str, url: str, env: dict[str, str], pids: list[int],
+                note: str = "") -> Row:
+        redis_pid = self.stack.pid("redis") or 0
+        cpu_before, redis_before = cpu_seconds(pids), cpu_seconds([redis_pid])
+        result = wrk(url, self.args.duration, self.args.connections, env)
+        cpu_after, redis_after = cpu_seconds(pids), cpu_seconds([redis_pid])
+        seconds = result["duration_us"] / 1e6
+        row = Row(name, result["requests"] / seconds, result["p50_us"] / 1000,
+                  result["p99_us"] / 1000,
+                  (cpu_after - cpu_before) / max(result["requests"], 1) * 1e6,
+                  (redis_after - redis_before) / seconds * 100, note)
+        print(f"  {name}: {row.requests_per_s:,.0f} req/s, p99 {row.p99_ms:.1f} ms",
+              file=sys.stderr)
+        self.report.rows.append(row)
+        return row
+
+    def run(self) -> Report:
+        self.setup()
+        expected = int(self.args.duration * 12_000) + 10_000
+        win_file = self.residents_file(expected, "winners")
+        spike_file = self.residents_file(20_000, "spike")
+        pids = [self.gateway.pid]
+
+        self.measure("minimal", f"http://127.0.0.1:{self.minimal_port}/", {},
+                     [self.minimal.pid], "aiohttp + uvloop, pre-encoded JSON")
+        win = self.create_release(1_000_000)
+        row = self.measure("claim_win", self.base, {
+            "CLAIMS_FILE": str(win_file), "CLAIM_PATH": f"/v1/releases/{win}/claims"}, pids)
+        claimed = int(self.admin_view(win)["claimed"])  # type: ignore[call-overload]
+        row.note = f"{claimed:,} claims taken, all 201"
+        sold_out = self.create_release(0)
+        self.measure("sold_out", self.base, {
+            "CLAIMS_FILE": str(spike_file), "CLAIM_PATH": f"/v1/releases/{sold_out}/claims"},
+            pids, "409 from the local view")
+        not_open = self.create_release(10, opens_in=3600)
+        self.measure("not_open", self.base, {
+            "CLAIMS_FILE": str(spike_file), "CLAIM_PATH": f"/v1/releases/{not_open}/claims"},
+            pids, "425 from the local view")
+        asyncio.run(self.naive_sql())
+        self.pipeline(win, claimed, spike_file)
+        self.ratios()
+        return self.report
+
+    async def naive_sql(self, clients: int = 50) -> None:
+        """SELECT ... FOR UPDATE on the stock row, update, insert the booking, commit."""
+        pool = await asyncpg.create_pool(self.settings.database_url, min_size=clients,
+                                         max_size=clients)
+        assert pool is not None
+        await pool.execute("CREATE TABLE IF NOT EXISTS naive_stock (id int PRIMARY KEY, "
+                           "remaining int NOT NULL)")
+        await pool.execute("CREATE TABLE IF NOT EXISTS naive_bookings (id bigserial "
+                           "PRIMARY KEY, person text NOT NULL, at timestamptz DEFAULT now())")
+        await pool.execute("INSERT INTO naive_stock VALUES (1, 100000000) ON CONFLICT (id) "
+                           "DO UPDATE SET remaining = 100000000")
+        done = 0
+        latencies: list[float] = []
+        deadline = time.monotonic() + self.args.duration
+
+        async def client() -> None:
+            nonlocal done
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                async with pool.acquire() as conn, conn.transaction():
+                    left = await conn.fetchval(
+                        "SELECT remaining FROM naive_stock WHERE id = 1 FOR UPDATE")
+                    if left > 0:
+                        await conn.execute(
+                            "UPDATE naive_stock SET remaining = remaining - 1 WHERE id = 1")
+                        await conn.execute("INSERT INTO naive_bookings (person) VALUES ($1)",
+                                           secrets.token_hex(6))
+                done += 1
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        seconds = time.monotonic() - started
+        await pool.close()
+        latencies.sort()
+        row = Row("naive_sql", done / seconds, latencies[len(latencies) // 2] * 1000,
+                  latencies[int(len(latencies) * 0.99)] * 1000,
+                  note=f"{clients} clients, row lock per claim")
+        print(f"  naive_sql: {row.requests_per_s:,.0f} claims/s", file=sys.stderr)
+        self.report.rows.append(row)
+
+    def pipeline(self, release_id: str, claimed: int, spike_file: Path) -> None:
+        """Drain rate of the bookings consumer, then last-201-to-last-row of a spike."""
+        asyncio.run(self._pipeline(release_id, claimed, spike_file))
+
+    async def _pipeline(self, release_id: str, claimed: int, spike_file: Path) -> None:
+        from redis.asyncio import Redis
+
+        from release_service import keys
+
+        redis = Redis.from_url(self.settings.redis_url)
+        db = await asyncpg.connect(self.settings.database_url)
+        relay = self.start(str(BIN), "relay", env=self.env)
+        # 1. The relay moves the outbox into Kafka first: the consumer then has a backlog.
+        bar = tqdm(total=claimed, desc="relay to Kafka", unit="event", file=sys.stderr)
+        while True:
+            info = await redis.xinfo_groups(keys.outbox_key(release_id))
+            relayed = claimed - int(info[0]["lag"] or 0) - int(info[0]["pending"]) \
+                if info else 0
+            bar.n = max(0, relayed)
+            bar.refresh()
+            if info and not info[0]["lag"] and not info[0]["pending"]:
+                break
+            await asyncio.sleep(0.2)
+        bar.close()
+        # 2. The consumer drains the backlog: its own rate.
+        started = time.monotonic()
+        consumer = self.start(str(BIN), "consume", "bookings", env=self.env)
+        bar = tqdm(total=claimed, desc="bookings persisted", unit="row", file=sys.stderr)
+        first_row_at = None
+        while True:
+            count = await db.fetchval("SELECT count(*) FROM bookings")
+            elapsed = time.monotonic() - started
+            self.report.persisted_timeline.append((round(elapsed, 2), count))
+            if count and first_row_at is None:
+                first_row_at = time.monotonic()
+            bar.n = count
+            bar.refresh()
+            if count >= claimed or elapsed > 300:
+                break
+            await asyncio.sleep(0.2)
+        bar.close()
+        drain_seconds = time.monotonic() - (first_row_at or started)
+        self.report.pipeline["bookings_drained"] = count
+        self.report.pipeline["consumer_rows_per_s"] = count / max(drain_seconds, 1e-6)
+        self.report.pipeline["consumer_start_to_first_row_s"] = (first_row_at or started) \
+            - started
+
+        # 3. A spike with everything running: last 201 to last booking row.
+        spike = self.create_release(1_000_000)
+        await asyncio.to_thread(wrk, self.base, min(3.0, self.args.duration),
+                                self.args.connections,
+                                {"CLAIMS_FILE": str(spike_file),
+                                 "CLAIM_PATH": f"/v1/releases/{spike}/claims"})
+        last_201 = time.monotonic()
+        spike_claimed = int(self.admin_view(spike)["claimed"])  # type: ignore[call-overload]
+        while True:
+            count = await db.fetchval("SELECT count(*) FROM bookings WHERE release_id = $1",
+                                      spike)
+            if count >= spike_claimed or time.monotonic() - last_201 > 120:
+                break
+            await asyncio.sleep(0.05)
+        self.report.pipeline["spike_claims"] = spike_claimed
+        self.report.pipeline["last_201_to_last_row_s"] = time.monotonic() - last_201
+        self.stop(consumer)
+        self.stop(relay)
+        await db.close()
+        await redis.aclose()
+
+    def ratios(self) -> None:
+        rows = {r.name: r for r in self.report.rows}
+        ceiling = rows["minimal"].requests_per_s
+        win = rows["claim_win"]
+        ratios = {
+            "claim_win / minimal": win.requests_per_s / ceiling,
+            "sold_out / minimal": rows["sold_out"].requests_per_s / ceiling,
+            "not_open / minimal": rows["not_open"].requests_per_s / ceiling,
+            "claim_win / naive_sql": win.requests_per_s / rows["naive_sql"].requests_per_s,
+            "consumer rows/s / claim_win": self.report.pipeline["consumer_rows_per_s"]
+            / win.requests_per_s,
+        }
+        self.report.ratios = ratios
+        self.report.targets = {
+            "claim_win >= 0.7 x minimal": ratios["claim_win / minimal"] >= 0.7,
+            "claim_win p99 < 5 ms": win.p99_ms < 5,
+            "sold_out >= 0.9 x minimal": ratios["sold_out / minimal"] >= 0.9,
+            "not_open >= 0.9 x minimal": ratios["not_open / minimal"] >= 0.9,
+            "claim_win >= 40 x naive_sql": ratios["claim_win / naive_sql"] >= 40,
+            "Redis CPU < 25% at claim_win": (win.redis_cpu_percent or 0) < 25,
+            "consumer >= 3 x claim_win": ratios["consumer rows/s / claim_win"] >= 3,
+        }
+
+
+def table(report: Report) -> str:
+    lines = [f"machine: {report.machine}; {report.started_at}; {report.settings}", "",
+             "| scenario | req/s | p50 ms | p99 ms | CPU µs/req | Redis CPU % | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report.rows:
+        cpu = f"{r.cpu_us_per_request:.0f}" if r.cpu_us_per_request is not None else "-"
+        redis = f"{r.redis_cpu_percent:.0f}" if r.redis_cpu_percent is not None else "-"
+        lines.append(f"| {r.name} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
+                     f"{r.p99_ms:.2f} | {cpu} | {redis} | {r.note} |")
+    lines += ["", "| pipeline | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:,.2f} |" for k, v in report.pipeline.items()]
+    lines += ["", "| ratio | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report.ratios.items()]
+    lines += ["", "| target | met |", "| --- | --- |"]
+    lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in report.targets.items()]
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (throughput, latency, drain) = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = [r.name for r in report.rows]
+    throughput.bar(names, [r.requests_per_s for r in report.rows], color="#3b7dd8")
+    throughput.set_title("requests (claims) per second")
+    throughput.tick_params(axis="x", rotation=30)
+    positions = range(len(names))
+    latency.bar([p - 0.2 for p in positions], [r.p50_ms for r in report.rows], 0.4,
+                label="p50")
+    latency.bar([p + 0.2 for p in positions], [r.p99_ms for r in report.rows], 0.4,
+                label="p99")
+    latency.set_xticks(list(positions), names, rotation=30)
+    latency.set_yscale("log")
+    latency.set_title("latency (ms, log scale)")
+    latency.legend()
+    if report.persisted_timeline:
+        seconds, rows = zip(*report.persisted_timeline, strict=True)
+        drain.plot(seconds, rows, color="#2a9d5c")
+    drain.set_title("bookings persisted over time (backlog drain)")
+    drain.set_xlabel("seconds since the consumer started")
+    fig.suptitle(f"release-service benchmark — {report.started_at}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--processes", type=int, default=1, help="gateway processes")
+    parser.add_argument("--out", type=Path, default=HERE / "results",
+                        help="folder for bench.json and bench.png")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench: wrk is missing; install it with: apt-get install -y wrk",
+              file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    try:
+        report = bench.run()
+    finally:
+        bench.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
+    plot(report, args.out / "bench.png")
+    print(table(report))
+    print(f"\nwritten: {args.out / 'bench.json'}, {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
