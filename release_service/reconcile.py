@@ -54,6 +54,7 @@ class ReconcileReport:
     republished: int = 0
     missing_sms: int = 0
     missing_bookings: int = 0
+    stale_reservations: int = 0
 
     def add(self, other: ReconcileReport) -> None:
         for f in fields(self):
@@ -124,6 +125,8 @@ class Reconciler:
             report.add(await self._release(rid, full))
         report.releases = len(release_ids)
         report.add(await self._missing_sms())
+        if full:
+            report.stale_reservations = await self._stale_reservations(progress)
         if len(self._republished_at) > 1_000_000:
             self._republished_at.clear()
         return report
@@ -161,6 +164,26 @@ class Reconciler:
         if full:
             report.add(await self._claims_without_bookings(rid, in_outbox))
         return report
+
+    async def _stale_reservations(self, progress: bool) -> int:
+        """Remove per-person reservations whose claim is not (or no longer) a confirmed
+        booking: left by a gateway that died between reserving and claiming, or between
+        cancelling and releasing. Only entries older than the grace period are judged."""
+        removed = 0
+        cutoff_ms = (time.time() - self._grace) * 1000
+        bar = tqdm(desc="reservations", unit="person", disable=not progress)
+        async for key in self._redis.scan_iter(match="person:*:active", count=1000):
+            bar.update(1)
+            entries = await self._redis.hgetall(key)
+            for claim_id, value in entries.items():
+                release_id, *_, claimed_ms = value.decode().split("|")
+                if int(claimed_ms) > cutoff_ms:
+                    continue
+                raw = await self._redis.hget(keys.claims_key(release_id), claim_id)
+                if raw is None or orjson.loads(raw).get("status") != "confirmed":
+                    removed += await self._redis.hdel(key, claim_id)
+        bar.close()
+        return removed
 
     async def _has_group(self, outbox: str) -> bool:
         try:

@@ -115,3 +115,31 @@ async def test_reconcile_publishes_what_never_left_the_outbox_then_trims_it(
         assert await redis.xlen(keys.outbox_key(rid)) == 0
     finally:
         consumer.stop()
+
+
+async def test_reconcile_removes_reservations_of_claims_that_never_happened(
+    api, stack_settings, tmp_path, redis
+):
+    release = await api.create_release(release_definition([5]))
+    rid = release["release_id"]
+    kept, = residents(stack_settings, 1)
+    assert (await api.claim(rid, kept))[0] == 201
+    # A gateway that died between the reservation and the claim left this behind.
+    stale = keys.person_active_key("p-orphan")
+    await redis.hset(stale, "claim-never-made", f"{rid}|20991231|c|d|1000")
+    cli = str(Path(sys.executable).parent / "release-service")
+    settings_file = tmp_path / "reconcile.env"
+    from release_service.settings import write_settings_file
+
+    write_settings_file(settings_file, {f: getattr(stack_settings, f) for f in (
+        "redis_url", "kafka_bootstrap", "database_url", "admin_token", "token_secret",
+        "code_secret")})
+    run = subprocess.run([cli, "reconcile", "--grace", "0"], capture_output=True, text=True,
+                         check=False, timeout=60,
+                         env={"PATH": "/usr/bin:/bin",
+                              "RELEASE_SERVICE_SETTINGS_FILE": str(settings_file)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "stale reservations: 1" in out
+    assert not await redis.exists(stale)
+    assert await redis.hlen(keys.person_active_key(kept.person_id)) == 1
