@@ -40,6 +40,7 @@ class ReleaseView:
     left: int = 0
     remaining_by_slot: dict[str, int] = field(default_factory=dict)
     page: bytes = b""  # pre-encoded GET /v1/releases/{id}
+    refusal_bodies: dict[str, bytes] = field(default_factory=dict)
 
     def status(self, now_ms: int) -> str:
         if self.state == "closed" or now_ms >= self.closes_ms:
@@ -66,6 +67,17 @@ class ReleaseView:
         if status == "paused":
             return Paused(f"release {self.release_id} is paused", retry_after=5)
         return SoldOut(f"release {self.release_id} is sold out")
+
+    def refusal_answer(self, now_ms: int) -> tuple[ServiceError, bytes] | None:
+        """`refusal` with its problem document pre-encoded: during a spike most requests
+        get one of these few answers, so each is encoded once per state, not per request."""
+        refusal = self.refusal(now_ms)
+        if refusal is None:
+            return None
+        body = self.refusal_bodies.get(refusal.code)
+        if body is None:
+            body = self.refusal_bodies[refusal.code] = refusal.body()
+        return refusal, body
 
     def public(self, now_ms: int) -> dict[str, Any]:
         slots = [

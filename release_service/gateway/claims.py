@@ -25,6 +25,7 @@ from ..tokens import Principal
 from .appkeys import CATALOG, CLAIMS, DATABASE, REDIS, RELEASES, RESERVATIONS, SETTINGS
 from .auth import resident
 from .bodies import read_json_object
+from .middleware import problem_response
 
 MAX_IDEMPOTENCY_KEY = 128
 # How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
@@ -116,10 +117,12 @@ async def post_claim(request: web.Request) -> web.Response:
     # A keyed request may be the retry of a claim that already won: only the script can
     # tell, so it is never refused locally.
     if not idempotency_key:
-        refusal = view.refusal(app[CATALOG].now_ms())
-        if refusal is not None:
+        answer = view.refusal_answer(app[CATALOG].now_ms())
+        if answer is not None:
+            refusal, body = answer
             CLAIM_RESULTS.labels(refusal.code).inc()
-            raise refusal
+            return problem_response(refusal.status, body, request["request_id"],
+                                    refusal.retry_after)
     # Verified after the local refusals: they tell nothing the public release page does
     # not, and a sold-out spike then costs no HMAC per request.
     principal: Principal = resident(request)
