@@ -91,9 +91,11 @@ class ConsumerRunner(Generic[E]):
             metadata_max_age_ms=5_000,
         )
         producer = kafka_producer(self._settings)
-        await _start_with_retry(consumer, "consumer", self._stopping)
+        if not await _start_with_retry(consumer, "consumer", self._stopping):
+            return
         try:
-            await _start_with_retry(producer, "dead-letter producer", self._stopping)
+            if not await _start_with_retry(producer, "dead-letter producer", self._stopping):
+                return
             while not self._stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=MAX_BATCH)
                 records = [r for part in batch.values() for r in part]
@@ -162,18 +164,19 @@ class ConsumerRunner(Generic[E]):
                         self._processor.group_id, exc_info=True)
 
 
-async def _start_with_retry(client: Any, what: str, stopping: asyncio.Event) -> None:
+async def _start_with_retry(client: Any, what: str, stopping: asyncio.Event) -> bool:
+    """Start, retrying while Kafka is unreachable; False when asked to stop meanwhile."""
     delay = 0.2
-    while True:
+    while not stopping.is_set():
         try:
             await client.start()
-            return
+            return True
         except KafkaError:
-            if stopping.is_set():
-                raise
             log.warning("Kafka unreachable for the %s; retrying in %.1fs", what, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
             delay = min(delay * 2, 5.0)
+    return False
 
 
 async def run_until(runner: ConsumerRunner[Any], stopping: asyncio.Event) -> None:

@@ -217,6 +217,7 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
     from .db import connect_pool
     from .reconcile import reconcile_forever
 
+    stop = stopping or asyncio.Event()
     redis = redis_from_url(settings.redis_url)
     producer = kafka_producer(settings)
     while True:
@@ -226,9 +227,15 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
             break
         except (KafkaError, OSError) as exc:
             log.warning("Kafka unreachable at start (%s); retrying", exc)
-            await asyncio.sleep(1)
+            # A stop request while Kafka is down must end the process, not the retry.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                with contextlib.suppress(KafkaError):
+                    await producer.stop()
+                await redis.aclose()
+                return
     relay = Relay(settings, redis, producer)
-    stop = stopping or asyncio.Event()
     waiter = asyncio.create_task(stop.wait())
     pool = await connect_pool(settings, max_size=2)
     tasks = [asyncio.create_task(relay.run()),

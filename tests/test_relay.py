@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 from processes import ServiceProcess
 from support import release_definition, residents
 
@@ -143,3 +144,15 @@ async def test_reconcile_removes_reservations_of_claims_that_never_happened(
     assert "stale reservations: 1" in out
     assert not await redis.exists(stale)
     assert await redis.hlen(keys.person_active_key(kept.person_id)) == 1
+
+
+@pytest.mark.parametrize("command", [("relay",), ("consume", "bookings"), ("consume", "sms")])
+def test_processes_stop_promptly_while_kafka_is_unreachable(stack_settings, tmp_path, command):
+    process = ServiceProcess(stack_settings, tmp_path, *command, name="-".join(command),
+                             kafka_bootstrap="127.0.0.1:1").start()
+    time.sleep(2)  # retrying its start against a port nobody listens on
+    assert process.process is not None and process.process.poll() is None
+    started = time.monotonic()
+    process.stop()  # SIGTERM; fails the test if it needs SIGKILL
+    assert time.monotonic() - started < 10
+    assert process.process.returncode == 0, process.log()
