@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from release_service.kafka import kafka_producer
+from release_service.metrics import KAFKA_CONSUMER_LAG, watch_event_loop
 from release_service.settings import Settings
 
 log = logging.getLogger("consumers.runner")
@@ -104,6 +105,7 @@ class ConsumerRunner(Generic[E]):
                 if not await self._process(records, producer):
                     return  # stopping: offsets stay where the finished work ends
                 await self._commit(consumer)
+                self._record_lag(consumer, batch)
         finally:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
@@ -150,10 +152,19 @@ class ConsumerRunner(Generic[E]):
                     if self._stopping.is_set():
                         return False
             log.warning("%s: message %s/%d@%d dead-lettered: %s", p.group_id, record.topic,
-                        record.partition, record.offset, reason)
+                        record.partition, record.offset, reason,
+                        extra={"request_id": request_id_of(record)})
         self.processed += len(good)
         self.dead_lettered += len(dead)
         return True
+
+    def _record_lag(self, consumer: AIOKafkaConsumer, batch: dict[Any, Any]) -> None:
+        for tp, records in batch.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                KAFKA_CONSUMER_LAG.labels(self._processor.group_id, tp.topic,
+                                          str(tp.partition)).set(
+                    max(0, highwater - records[-1].offset - 1))
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         try:
@@ -183,9 +194,11 @@ async def run_until(runner: ConsumerRunner[Any], stopping: asyncio.Event) -> Non
     """Run until `stopping` is set; the batch in hand is finished and committed first."""
     task = asyncio.create_task(runner.run())
     waiter = asyncio.create_task(stopping.wait())
+    watcher = asyncio.create_task(watch_event_loop())
     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
     runner.stop()
     waiter.cancel()
+    watcher.cancel()
     await task
 
 
@@ -201,6 +214,14 @@ def main_until_signalled(
         await serve(settings, stopping)
 
     asyncio.run(run())
+
+
+def request_id_of(record: ConsumerRecord[bytes, bytes]) -> str:
+    """The gateway's request id, carried in the Kafka headers from the claim."""
+    for name, value in record.headers or ():
+        if name == "request_id":
+            return value.decode(errors="replace")
+    return ""
 
 
 def json_object(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:

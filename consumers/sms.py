@@ -33,6 +33,7 @@ from consumers.runner import (
     InvalidMessage,
     json_object,
     main_until_signalled,
+    request_id_of,
     run_until,
 )
 from consumers.sms_providers import ProviderError, SmsProvider, provider_from_settings
@@ -60,6 +61,7 @@ class SmsJob:
     release_id: str
     slot_id: str
     account_id: str
+    request_id: str = ""
 
     @property
     def message_id(self) -> str:
@@ -89,7 +91,7 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
     kind = KIND_BY_TOPIC.get(record.topic)
     if kind is None:
         raise InvalidMessage(f"no SMS for topic {record.topic}")
-    return SmsJob(kind=kind, **values)
+    return SmsJob(kind=kind, request_id=request_id_of(record), **values)
 
 
 def render(job: SmsJob, context: SmsContext, zone: Any) -> str:
@@ -209,13 +211,16 @@ class SmsProcessor:
                     job.claim_id, job.kind, attempts, str(exc))
                 SMS_FAILED.labels(job.kind).inc()
                 log.warning("SMS %s to %s failed after %d attempts: %s", job.message_id,
-                            mask_phone(context.phone), attempts, exc)
+                            mask_phone(context.phone), attempts, exc,
+                            extra={"request_id": job.request_id})
                 return f"provider failed after {attempts} attempts: {exc}"
             await self._pool.execute(
                 "UPDATE sms_messages SET status = 'sent', attempts = attempts + $3, "
                 "sent_at = now() WHERE claim_id = $1 AND kind = $2",
                 job.claim_id, job.kind, attempts)
             SMS_SENT.labels(job.kind).inc()
+            log.info("SMS %s sent to %s", job.message_id, mask_phone(context.phone),
+                     extra={"request_id": job.request_id})
             return None
 
 

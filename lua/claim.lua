@@ -21,6 +21,7 @@ ARGV:
               idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
               day (YYYYMMDD: any slot on that visit day only; "" = any day)
               mode ("claim", or "replay": only answer an idempotent replay)
+              request_id (carried in the claim and its event, for tracing)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -105,7 +106,8 @@ local function code_for(seq)
   return string.format('%08d', hi * 10000 + lo)
 end
 
-local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode)
+local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
+                         request_id)
   local idem_field = account_id .. ':' .. ikey
   if ikey ~= '' then
     local earlier = redis.call('HGET', idem, idem_field)
@@ -146,7 +148,7 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   local claim = cjson.encode({
     claim_id = claim_id, code = code, release_id = release_id, slot_id = slot,
     person_id = person_id, account_id = account_id, status = 'confirmed',
-    claimed_at_ms = now,
+    claimed_at_ms = now, request_id = request_id,
   })
   redis.call('HINCRBY', meta, 'code_next', 1)
   redis.call('HINCRBY', meta, 'left', -1)
@@ -171,7 +173,8 @@ end
 
 for i = 0, n - 1 do
   local f = fields(ARGV[7 + i])
-  local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9])
+  local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
+    f[10] or '')
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

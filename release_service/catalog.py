@@ -20,6 +20,7 @@ import orjson
 
 from . import keys
 from .errors import Closed, NotOpen, Paused, ServiceError, SoldOut
+from .metrics import STOCK_REMAINING
 from .person_script import Limits
 from .redis_client import AnyRedis
 
@@ -180,6 +181,8 @@ class ReleaseCatalog:
                 k.decode(): int(v) - int(taken.get(k, 0)) for k, v in cap.items()
             }
             view.page = orjson.dumps(view.public(now))
+            for slot_id, remaining in view.remaining_by_slot.items():
+                STOCK_REMAINING.labels(rid, slot_id).set(remaining)
             views[rid] = view
         self._views = views
         listed = sorted(views.values(), key=lambda v: v.opens_ms)

@@ -28,6 +28,7 @@ class ClaimRequest:
     sex: str
     day: str = ""  # YYYYMMDD: with slot_id "", any slot on that visit day only
     replay_only: bool = False  # only answer an idempotent replay; never take stock
+    request_id: str = ""  # carried into the claim and its event, for tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,8 @@ class ClaimScript:
         for r in requests:
             argv.append(SEPARATOR.join((
                 r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
-                str(r.birth), r.sex, r.day, "replay" if r.replay_only else "claim")))
+                str(r.birth), r.sex, r.day, "replay" if r.replay_only else "claim",
+                r.request_id)))
         reply = await self._script(keys=release_keys(release_id), args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):

@@ -22,3 +22,24 @@ STOCK_REMAINING = Gauge(
     "release_stock_remaining", "Remaining stock per slot of active releases",
     ["release_id", "slot_id"],
 )
+EVENT_LOOP_LAG = Gauge(
+    "release_event_loop_lag_seconds",
+    "How late a 0.25 s timer fires: the time the event loop is blocked or saturated",
+)
+KAFKA_CONSUMER_LAG = Gauge(
+    "release_kafka_consumer_lag", "Messages behind the partition's high watermark",
+    ["group", "topic", "partition"],
+)
+
+LOOP_LAG_INTERVAL = 0.25
+
+
+async def watch_event_loop() -> None:
+    """Run forever in every long-running process: lag = lateness of a periodic timer."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LOOP_LAG_INTERVAL)
+        EVENT_LOOP_LAG.set(max(0.0, loop.time() - started - LOOP_LAG_INTERVAL))

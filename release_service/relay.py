@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import keys, topics
 from .kafka import ensure_topics, kafka_producer
+from .metrics import watch_event_loop
 from .redis_client import AnyRedis, redis_from_url
 from .settings import Settings, load_settings
 
@@ -56,6 +57,7 @@ class OutboxEntry:
     event_type: str
     event: bytes
     person_id: str
+    request_id: str = ""
 
     @property
     def age_seconds(self) -> float:
@@ -64,8 +66,9 @@ class OutboxEntry:
 
 def parse_entry(release_id: str, entry_id: bytes, fields: dict[bytes, bytes]) -> OutboxEntry:
     event = fields[b"e"]
+    data = orjson.loads(event)
     return OutboxEntry(release_id, entry_id.decode(), fields[b"type"].decode(), event,
-                       str(orjson.loads(event).get("person_id", "")))
+                       str(data.get("person_id", "")), str(data.get("request_id", "")))
 
 
 async def publish(producer: AIOKafkaProducer, entries: Sequence[OutboxEntry]) -> list[bool]:
@@ -75,7 +78,8 @@ async def publish(producer: AIOKafkaProducer, entries: Sequence[OutboxEntry]) ->
     for entry in entries:
         topic = TOPIC_BY_TYPE.get(entry.event_type, topics.CLAIMS)
         headers = [("event_type", entry.event_type.encode()),
-                   ("outbox_entry", f"{entry.release_id}/{entry.entry_id}".encode())]
+                   ("outbox_entry", f"{entry.release_id}/{entry.entry_id}".encode()),
+                   ("request_id", entry.request_id.encode())]
         futures.append(await producer.send(topic, value=entry.event,
                                            key=entry.person_id.encode(), headers=headers))
     results = await asyncio.gather(*futures, return_exceptions=True)
@@ -238,7 +242,7 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
     relay = Relay(settings, redis, producer)
     waiter = asyncio.create_task(stop.wait())
     pool = await connect_pool(settings, max_size=2)
-    tasks = [asyncio.create_task(relay.run()),
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(watch_event_loop()),
              asyncio.create_task(reconcile_forever(settings, redis, producer)),
              asyncio.create_task(no_shows_forever(pool, redis, settings.zone,
                                                   settings.no_show_interval_seconds))]

@@ -83,3 +83,17 @@ def test_dockerfile_runs_as_a_user_and_copies_what_exists():
     for source in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.M):
         for path in source.split():
             assert (DEPLOY.parent / path).exists(), path
+
+
+def test_grafana_dashboard_uses_only_metrics_we_export():
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"release_[a-z_]+", target["expr"])}
+    source = "".join(p.read_text() for p in (DEPLOY.parent / "release_service").rglob("*.py"))
+    source += "".join(p.read_text() for p in (DEPLOY.parent / "consumers").rglob("*.py"))
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    for name in used:
+        base = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
+        assert f'"{base}' in source or f'"{name}"' in source, name

@@ -240,3 +240,28 @@ async def test_cancellation_reaches_the_database_and_sends_its_sms(api, db, peop
     status, _, body = await api.call("GET", f"/v1/bookings/{claim['code']}",
                                      headers=resident.headers)
     assert body["status"] == "cancelled" and body["persisted"] is True
+
+
+async def test_request_id_travels_from_the_gateway_to_the_sms_log(api, db, people, pipeline):
+    release = await api.create_release(release_definition([2]))
+    request_id = "trace-me-0123456789"
+    resident = people[0]
+    status, headers, claim = await api.call(
+        "POST", f"/v1/releases/{release['release_id']}/claims",
+        json={"person_id": resident.person_id},
+        headers={**resident.headers, "X-Request-Id": request_id})
+    assert status == 201 and headers["X-Request-Id"] == request_id
+    log = pipeline.processes["sms"].log_path
+    deadline = time.monotonic() + 30
+    line = None
+    while time.monotonic() < deadline and line is None:
+        for text in log.read_text().splitlines() if log.exists() else []:
+            entry = orjson.loads(text) if text.startswith("{") else {}
+            if entry.get("request_id") == request_id:
+                line = entry
+        await asyncio.sleep(0.2)
+    assert line is not None and claim["claim_id"] in line["message"]
+    assert resident.person_id not in line["message"]
+    phone = await db.fetchval("SELECT phone FROM accounts WHERE account_id = $1",
+                              resident.account_id)
+    assert phone not in log.read_text() and phone[:3] + "****" + phone[-4:] in line["message"]

@@ -20,6 +20,7 @@ from ..catalog import ReleaseCatalog
 from ..claim_script import ClaimScript
 from ..db import connect_pool
 from ..direct_sms import DirectSms
+from ..metrics import watch_event_loop
 from ..person_script import Limits, PersonScript
 from ..redis_client import redis_from_url
 from ..relay import run_relay
@@ -70,7 +71,8 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     catalog = ReleaseCatalog(app[REDIS], settings.release_view_refresh_seconds, platform_limits)
     await catalog.refresh()
     app[CATALOG] = catalog
-    tasks = [asyncio.create_task(catalog.run()), asyncio.create_task(catalog.listen())]
+    tasks = [asyncio.create_task(catalog.run()), asyncio.create_task(catalog.listen()),
+             asyncio.create_task(watch_event_loop())]
     yield
     for task in tasks:
         task.cancel()

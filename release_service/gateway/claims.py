@@ -143,7 +143,7 @@ async def post_claim(request: web.Request) -> web.Response:
     request_base = ClaimRequest(
         claim_id=claim_id, account_id=principal.account_id, person_id=person_id,
         slot_id=slot_id, idempotency_key=idempotency_key, birth=grant.birth, sex=grant.sex,
-        day="" if slot_id else day,
+        day="" if slot_id else day, request_id=request["request_id"],
     )
     # Limits and bans span releases: reserve on the person's own slot first.
     doc = view.document
