@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 
 import orjson
@@ -36,5 +37,12 @@ if __name__ == "__main__":
                     for _ in range(processes)]
         for child in children:
             child.start()
+
+        def stop(_signum: int, _frame: object) -> None:
+            for child in children:
+                child.terminate()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         for child in children:
             child.join()

@@ -49,13 +49,14 @@ class PersonScript:
         self._reserve = redis.register_script(lua_source("person_reserve.lua"))
 
     async def reserve(self, _key: str, batch: Sequence[Reservation]) -> list[ReserveOutcome]:
-        """One script call per Cluster slot of the batch (one call on a single Redis)."""
+        """One script call per Cluster slot of the batch: a single call on one Redis."""
         groups: dict[int, list[int]] = {}
         for index, r in enumerate(batch):
             groups.setdefault(self._slot_of(r.person_id), []).append(index)
+        calls = [self._arguments([batch[i] for i in members]) for members in groups.values()]
+        # Concurrent calls (a Cluster pipeline may not carry scripts); one on a single Redis.
+        replies = await asyncio.gather(*(self._reserve(keys=k, args=a) for k, a in calls))
         outcomes: list[ReserveOutcome] = [ReserveOutcome("")] * len(batch)
-        replies = await asyncio.gather(*(self._call([batch[i] for i in members])
-                                         for members in groups.values()))
         for members, reply in zip(groups.values(), replies, strict=True):
             for position, index in enumerate(members):
                 outcomes[index] = ReserveOutcome(reply[2 * position].decode(),
@@ -65,7 +66,8 @@ class PersonScript:
     def _slot_of(self, person_id: str) -> int:
         return key_slot(keys.person_active_key(person_id).encode()) if self._cluster else 0
 
-    async def _call(self, batch: Sequence[Reservation]) -> list[bytes]:
+    @staticmethod
+    def _arguments(batch: Sequence[Reservation]) -> tuple[list[str], list[str]]:
         script_keys: list[str] = []
         args: list[str] = []
         for r in batch:
@@ -75,8 +77,7 @@ class PersonScript:
                 r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
                 str(lim.same_day_clinic), str(lim.per_day), str(lim.per_7_days),
                 str(lim.per_3_months))))
-        reply: list[bytes] = await self._reserve(keys=script_keys, args=args)
-        return reply
+        return script_keys, args
 
     async def release(self, entries: Sequence[tuple[str, str]]) -> list[None]:
         """Remove (person_id, claim_id) reservations: the claim did not happen, or the

@@ -22,9 +22,10 @@ def redis_from_url(url: str, *, max_connections: int = 64) -> AnyRedis:
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3)
     errors = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
     if url.startswith(CLUSTER_SCHEME):
+        # Per node, and without a blocking pool: room for every in-flight script call.
         return RedisCluster.from_url(
             "redis://" + url[len(CLUSTER_SCHEME):], retry=retry, retry_on_error=list(errors),
-            max_connections=max_connections,
+            max_connections=max_connections * 8,
         )
     # Blocking pool: past max_connections a caller waits for a connection (bounded),
     # instead of failing, so a spike queues briefly rather than erroring.
