@@ -113,6 +113,9 @@ class ReleaseCatalog:
         """Redis time as this gateway estimates it (offset measured at every refresh)."""
         return int(time.time() * 1000 + self._clock_offset_ms)
 
+    def release_ids(self) -> list[str]:
+        return sorted(self._views, key=lambda rid: self._views[rid].opens_ms)
+
     def get(self, release_id: str) -> ReleaseView | None:
         return self._views.get(release_id)
 

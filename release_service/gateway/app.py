@@ -27,7 +27,7 @@ from ..relay import run_relay
 from ..settings import Settings
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import accounts, bookings, claims, health, releases
+from . import accounts, bookings, claims, health, ops, releases
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -127,6 +127,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/ops", ops.page)
+    app.router.add_get("/ops/stream", ops.stream)
 
     app.router.add_get("/v1/releases", releases.list_releases)
     app.router.add_get("/v1/releases/{release_id}", releases.get_release)
