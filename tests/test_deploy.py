@@ -97,3 +97,18 @@ def test_grafana_dashboard_uses_only_metrics_we_export():
     for name in used:
         base = next((name[: -len(s)] for s in suffixes if name.endswith(s)), name)
         assert f'"{base}' in source or f'"{name}"' in source, name
+
+
+def test_compose_file_passes_the_compose_client(tmp_path):
+    """`docker-compose config` parses and checks the file (no engine needed)."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    folder = tmp_path / "deploy"
+    shutil.copy(folder / "release-service.env.example", folder / "release-service.env")
+    result = subprocess.run(["docker-compose", "-f", "compose.yaml", "config", "-q"],
+                            cwd=folder, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": "x"},
+                            check=False)
+    assert result.returncode == 0, result.stderr
