@@ -64,6 +64,7 @@ async def test_ops_page_follows_a_spike_and_pauses(api, gateway_url, stack_setti
         await card.locator(".bookings").filter(has_text="30").wait_for(timeout=30_000)
         await card.locator(".sms").filter(has_text="30").wait_for(timeout=30_000)
         assert (await card.locator(".status").text_content()) == "sold out"
+        await card.locator(".backlog").filter(has_text="0").wait_for(timeout=10_000)
         assert await card.locator(".slot-remaining").all_text_contents() == \
             ["0 left", "0 left"]
         await page.screenshot(path=str(OUTPUT / "ops-sold-out.png"), full_page=True)

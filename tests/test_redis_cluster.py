@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,19 +27,20 @@ MASTERS = 3
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[list[int]]:
     folder = Path(tempfile.mkdtemp(prefix="release-cluster-"))
-    ports = [free_port() for _ in range(MASTERS)]
+    ports = distinct_free_ports(MASTERS)
     servers = []
     try:
         for port in ports:
             data = folder / str(port)
             data.mkdir()
+            log = (data / "redis.log").open("wb")
             servers.append(subprocess.Popen(
                 [redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--appendonly", "yes", "--dir", str(data), "--save", ""],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=log, stderr=log))
         for port in ports:
-            _wait_ping(port)
+            _wait_ping(port, folder / str(port) / "redis.log")
         subprocess.run(["redis-cli", "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -55,11 +58,32 @@ def redis_cluster() -> Iterator[list[int]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait_ping(port: int) -> None:
-    deadline = time.monotonic() + 10
+def distinct_free_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000) is free and valid too."""
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < count:
+        port = rng.randrange(20000, 50000)
+        if port in ports or not _free(port) or not _free(port + 10000):
+            continue
+        ports.append(port)
+    return ports
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_ping(port: int, log: Path) -> None:
+    deadline = time.monotonic() + 30
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
                          check=False).stdout.strip() != b"PONG":
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
         time.sleep(0.05)
 
 

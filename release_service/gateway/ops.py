@@ -65,6 +65,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
             "status": v.status(now),
             "capacity": sum(s["capacity"] for s in v.document["slots"]),
             "remaining": v.left,
+            "claimed": sum(s["capacity"] for s in v.document["slots"]) - v.left,
             "slots": [{"slot_id": s["slot_id"], "capacity": s["capacity"],
                        "remaining": v.remaining_by_slot.get(s["slot_id"], 0)}
                       for s in v.document["slots"]],
