@@ -53,6 +53,9 @@ class Settings:
     timezone: str = "Asia/Shanghai"
     token_ttl_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 16 * 1024
+    # Requests a gateway process works on at once; past it: 503 with Retry-After at once
+    # (no unbounded queue while a spike is ten times what the process can serve).
+    max_in_flight: int = 2000
     # How often each gateway refreshes its local view of releases (sold out, paused...).
     release_view_refresh_seconds: float = 0.2
     database_pool_size: int = 10
@@ -159,7 +162,7 @@ def _validate(s: Settings) -> None:
         raise bad("http_port", "expected a TCP port between 1 and 65535")
     for name in ("gateway_processes", "kafka_partitions", "kafka_replication_factor",
                  "database_pool_size", "sms_max_attempts", "token_ttl_seconds",
-                 "max_body_bytes"):
+                 "max_body_bytes", "max_in_flight"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive number")
     if s.sms_rate_per_second <= 0 or s.release_view_refresh_seconds <= 0:

@@ -44,7 +44,7 @@ from .appkeys import (
     SMS,
     TOKENS,
 )
-from .middleware import problems
+from .middleware import admission, problems
 from .probes import KafkaProbe
 
 
@@ -115,7 +115,8 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problems], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[admission(settings.max_in_flight), problems],
+                          client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TOKENS] = TokenCodec(settings.token_secret, settings.token_ttl_seconds)
     app[KAFKA_PROBE] = KafkaProbe(settings.kafka_bootstrap)

@@ -91,3 +91,30 @@ def _requests(route: str, status: int) -> Any:
 @functools.cache
 def _latency(route: str) -> Any:
     return HTTP_LATENCY.labels(route)
+
+
+_NOT_COUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def admission(limit: int) -> Any:
+    """Shed load before any work: past `limit` requests in flight, answer 503 at once."""
+    overloaded = ServiceError("the gateway is at capacity; retry shortly")
+    body = orjson.dumps({**overloaded.problem(), "status": 503, "code": "overloaded",
+                         "title": "Overloaded"})
+    in_flight = 0
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        if request.path in _NOT_COUNTED:
+            return await handler(request)
+        if in_flight >= limit:
+            _requests("overloaded", 503).inc()
+            return problem_response(503, body, "", retry_after=1)
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    return admit
