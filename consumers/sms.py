@@ -1,19 +1,25 @@
 """SMS consumer: one confirmation (or cancellation) SMS per booking, exactly once.
 
-`decode` and `render` are pure. `SmsProcessor.handle` writes the message row before
-sending (UNIQUE claim_id+kind: a replayed event finds it) and marks it after; provider
-errors are retried with exponential backoff and full jitter under a provider rate limit;
-a message that still fails is marked `failed` and dead-lettered.
+`decode` and `render` are pure. `SmsProcessor.handle` writes each message's row before
+sending (UNIQUE claim_id+kind: a replayed event finds it) and marks it after, so a row that
+is `sent` or `failed` is never sent again. A row still `pending` (a crash between sending
+and marking) is sent again under the same message id, which the provider honours as one
+message. Provider errors are retried with exponential backoff and full jitter under a
+provider rate limit; a message that still fails is marked `failed` and dead-lettered.
+
+Failure policy: a provider that keeps failing fails the message, not the batch (dead-letter
+topic, offsets move on); anything else (database down, a bug) fails the batch, which the
+runner retries without committing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, tzinfo
 
 import aiohttp
 import asyncpg
@@ -39,6 +45,7 @@ from consumers.runner import (
 from consumers.sms_providers import ProviderError, SmsProvider, provider_from_settings
 from release_service import topics as kafka_topics
 from release_service.db import connect_pool
+from release_service.logs import mask_personal_data
 from release_service.resident_id import mask_phone
 from release_service.settings import Settings
 
@@ -46,17 +53,20 @@ log = logging.getLogger("consumers.sms")
 
 SMS_SENT = Counter("release_sms_sent_total", "SMS accepted by the provider", ["kind"])
 SMS_FAILED = Counter("release_sms_failed_total", "SMS given up on (dead-lettered)", ["kind"])
-SMS_RETRIED = Counter("release_sms_retried_total", "SMS send attempts that were retried")
+SMS_RETRIED = Counter("release_sms_retried_total",
+                      "SMS send attempts that failed and were retried", ["kind"])
 
-CONCURRENCY = 64
-WEEKDAYS = "一二三四五六日"
+CONCURRENCY = 64  # provider calls in flight at once
 KIND_BY_TOPIC = {kafka_topics.CLAIMS: "confirmation", kafka_topics.CANCELLATIONS: "cancellation"}
+WEEKDAYS = "一二三四五六日"
+_MAX_FIELD = 128
+_MAX_ERROR = 500
 
 
 @dataclass(frozen=True, slots=True)
 class SmsJob:
     claim_id: str
-    kind: str
+    kind: str  # "confirmation" or "cancellation"
     code: str
     release_id: str
     slot_id: str
@@ -65,11 +75,14 @@ class SmsJob:
 
     @property
     def message_id(self) -> str:
+        """The provider's client message id: one message per booking and kind."""
         return f"{self.claim_id}:{self.kind}"
 
 
 @dataclass(frozen=True, slots=True)
 class SmsContext:
+    """What a message says besides the code; never the person's name or ID number."""
+
     phone: str
     vaccine: str
     dose: int
@@ -79,31 +92,33 @@ class SmsContext:
 
 
 def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
-    data = json_object(record)
-    values = {}
-    for name in ("claim_id", "code", "release_id", "slot_id", "account_id"):
-        value = data.get(name)
-        if not isinstance(value, str) or not value or len(value) > 128:
-            raise InvalidMessage(f"{name} must be a non-empty string")
-        values[name] = value
-    if not (len(values["code"]) == 8 and values["code"].isdigit()):
-        raise InvalidMessage("code must be 8 digits")
     kind = KIND_BY_TOPIC.get(record.topic)
     if kind is None:
         raise InvalidMessage(f"no SMS for topic {record.topic}")
+    data = json_object(record)
+    values: dict[str, str] = {}
+    for name in ("claim_id", "code", "release_id", "slot_id", "account_id"):
+        value = data.get(name)
+        if not isinstance(value, str) or not value or len(value) > _MAX_FIELD:
+            raise InvalidMessage(f"{name} must be a non-empty string")
+        values[name] = value
+    code = values["code"]
+    if not (len(code) == 8 and code.isascii() and code.isdigit()):
+        raise InvalidMessage("code must be 8 digits")
     return SmsJob(kind=kind, request_id=request_id_of(record), **values)
 
 
-def render(job: SmsJob, context: SmsContext, zone: Any) -> str:
-    """The message text. Never the ID number or the person's name."""
+def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
+    """The message text, the slot's time in the clinic's zone (`settings.zone`)."""
     at = context.starts_at.astimezone(zone)
     when = f"{at.month}月{at.day}日 {at:%H:%M}（周{WEEKDAYS[at.weekday()]}）"
     place = f"{context.clinic_id}{context.department}"
+    vaccine = f"{context.vaccine}第{context.dose}剂"
     if job.kind == "cancellation":
-        return (f"【疫苗预约】您在{place}{when}的{context.vaccine}第{context.dose}剂预约"
-                f"（预约码 {job.code}）已取消，名额已释放。")
-    return (f"【疫苗预约】您已成功预约{context.vaccine}第{context.dose}剂：{place}，{when}，"
-            f"预约码 {job.code}。请按时携带身份证件到场接种；如需取消，请在截止时间前操作。")
+        return (f"【疫苗预约】您在{place}{when}的{vaccine}预约（预约码 {job.code}）已取消，"
+                "名额已释放。")
+    return (f"【疫苗预约】您已成功预约{vaccine}：{place}，{when}，预约码 {job.code}。"
+            "请按时携带身份证件到场接种。如需取消请在截止时间前操作。")
 
 
 _CONTEXT = """
@@ -115,29 +130,77 @@ LEFT JOIN releases r ON r.release_id = c.release_id
 LEFT JOIN slots s ON s.release_id = c.release_id AND s.slot_id = c.slot_id
 """
 
-# Returns the row's status whether it was just written or existed already.
-_RESERVE = """
-INSERT INTO sms_messages (claim_id, kind, phone, body) VALUES ($1, $2, $3, $4)
-ON CONFLICT (claim_id, kind) DO UPDATE SET claim_id = EXCLUDED.claim_id
-RETURNING status
-"""
-
 
 async def load_contexts(pool: asyncpg.Pool, jobs: Sequence[SmsJob]) -> dict[str, SmsContext]:
-    """Phone, release and slot of each job's booking, in one query; absent when unknown."""
+    """Phone, release and slot of each job's booking (by claim id), in one query; a claim
+    whose account (or phone), release or slot is unknown is absent."""
+    if not jobs:
+        return {}
     rows = await pool.fetch(
         _CONTEXT, [j.claim_id for j in jobs], [j.account_id for j in jobs],
         [j.release_id for j in jobs], [j.slot_id for j in jobs])
     return {
         r["claim_id"]: SmsContext(r["phone"], r["vaccine"], r["dose"], r["clinic_id"],
                                   r["department"], r["starts_at"])
-        for r in rows if r["phone"] is not None and r["vaccine"] is not None
-        and r["starts_at"] is not None
+        for r in rows
+        if r["phone"] and r["vaccine"] is not None and r["starts_at"] is not None
     }
+
+
+# Rows in (claim_id, kind) order, so two consumers writing overlapping batches (during a
+# rebalance) take the unique-index locks in the same order and cannot deadlock.
+_RESERVE = """
+INSERT INTO sms_messages (claim_id, kind, phone, body, status, last_error)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+ORDER BY 1, 2
+ON CONFLICT (claim_id, kind) DO NOTHING
+RETURNING claim_id, kind
+"""
+
+_EXISTING = """
+SELECT m.claim_id, m.kind, m.status, m.phone, m.body
+FROM sms_messages m JOIN unnest($1::text[], $2::text[]) AS k(claim_id, kind)
+  ON m.claim_id = k.claim_id AND m.kind = k.kind
+"""
+
+_ATTEMPT_FAILED = """
+UPDATE sms_messages SET attempts = attempts + 1, last_error = $3
+WHERE claim_id = $1 AND kind = $2
+"""
+
+# `status <> 'sent'`: another consumer (a rebalance) may have marked it first.
+_SENT = """
+UPDATE sms_messages SET status = 'sent', attempts = attempts + 1, sent_at = now()
+WHERE claim_id = $1 AND kind = $2 AND status <> 'sent'
+"""
+
+_GIVEN_UP = """
+UPDATE sms_messages SET status = 'failed'
+WHERE claim_id = $1 AND kind = $2 AND status = 'pending'
+"""
+
+NO_CONTEXT = "no account phone, release or slot for this booking"
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A message whose row says `pending`: what to send, exactly as the row holds it."""
+
+    index: int  # in the batch handed to `handle`
+    job: SmsJob
+    phone: str
+    body: str
 
 
 def _retriable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and exc.retriable
+
+
+def _limiter(rate_per_second: float) -> AsyncLimiter:
+    # AsyncLimiter holds `max_rate` tokens; below one a second, spread one over the period.
+    if rate_per_second >= 1:
+        return AsyncLimiter(rate_per_second, 1)
+    return AsyncLimiter(1, 1 / rate_per_second)
 
 
 class SmsProcessor:
@@ -147,93 +210,139 @@ class SmsProcessor:
 
     decode = staticmethod(decode)
 
-    def __init__(self, pool: asyncpg.Pool, provider: SmsProvider, settings: Settings,
-                 backoff_seconds: float = 0.05) -> None:
+    def __init__(self, pool: asyncpg.Pool, provider: SmsProvider, settings: Settings, *,
+                 backoff_base: float = 0.5, backoff_max: float = 30.0,
+                 concurrency: int = CONCURRENCY) -> None:
         self._pool = pool
         self._provider = provider
         self._zone = settings.zone
         self._max_attempts = settings.sms_max_attempts
-        self._limiter = AsyncLimiter(settings.sms_rate_per_second, 1)
-        self._backoff = backoff_seconds
-        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._limiter = _limiter(settings.sms_rate_per_second)
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._in_flight = asyncio.Semaphore(concurrency)
 
     async def handle(self, jobs: Sequence[SmsJob]) -> Sequence[DeadLetter]:
-        contexts = await self._contexts(jobs)
         # One message per booking and kind, even when the batch repeats an event.
         first: dict[str, int] = {}
         for index, job in enumerate(jobs):
             first.setdefault(job.message_id, index)
-        results = await asyncio.gather(*(
-            self._deliver(jobs[i], contexts.get(jobs[i].claim_id)) for i in first.values()
-        ))
-        return [DeadLetter(i, reason) for i, reason in zip(first.values(), results, strict=True)
-                if reason is not None]
+        unique = [jobs[i] for i in first.values()]
+        contexts = await load_contexts(self._pool, unique)
+        pending, dead = await self._reserve(unique, first, contexts)
+        # A TaskGroup, not gather: when one delivery raises (database down), the others
+        # are cancelled before `handle` raises, so the runner's retry never overlaps them.
+        async with asyncio.TaskGroup() as group:
+            tasks = [(p.index, group.create_task(self._deliver(p))) for p in pending]
+        dead += [DeadLetter(index, reason) for index, task in tasks
+                 if (reason := task.result()) is not None]
+        return sorted(dead, key=lambda d: d.index)
 
-    async def _contexts(self, jobs: Sequence[SmsJob]) -> dict[str, SmsContext]:
-        return await load_contexts(self._pool, jobs)
+    async def _reserve(self, jobs: Sequence[SmsJob], index_of: dict[str, int],
+                       contexts: dict[str, SmsContext]
+                       ) -> tuple[list[_Pending], list[DeadLetter]]:
+        """Write a row for every message not seen before (`pending`, or `failed` at once
+        when it cannot be addressed); return what is pending and what failed just now."""
+        texts = {job.message_id: render(job, contexts[job.claim_id], self._zone)
+                 for job in jobs if job.claim_id in contexts}
+        no_context = [job for job in jobs if job.claim_id not in contexts]
+        async with self._pool.acquire() as conn:
+            inserted = {(r["claim_id"], r["kind"]) for r in await conn.fetch(
+                _RESERVE, [j.claim_id for j in jobs], [j.kind for j in jobs],
+                [contexts[j.claim_id].phone if j.claim_id in contexts else "" for j in jobs],
+                [texts.get(j.message_id, "") for j in jobs],
+                ["pending" if j.claim_id in contexts else "failed" for j in jobs],
+                [None if j.claim_id in contexts else NO_CONTEXT for j in jobs])}
+            replayed = [j for j in jobs if (j.claim_id, j.kind) not in inserted]
+            existing = {(r["claim_id"], r["kind"]): r for r in await conn.fetch(
+                _EXISTING, [j.claim_id for j in replayed], [j.kind for j in replayed])
+            } if replayed else {}
 
-    async def _deliver(self, job: SmsJob, context: SmsContext | None) -> str | None:
-        """None when sent (now or before); otherwise why it was given up."""
-        async with self._slots:
-            if context is None:
-                reason = "no account phone, release or slot for this booking"
-                recorded = await self._pool.fetchval(
-                    "INSERT INTO sms_messages (claim_id, kind, phone, body, status, last_error) "
-                    "VALUES ($1, $2, '', '', 'failed', $3) ON CONFLICT DO NOTHING "
-                    "RETURNING claim_id", job.claim_id, job.kind, reason)
-                if recorded is None:
-                    return None  # given up on (or sent) before: dead-lettered then
+        pending: list[_Pending] = []
+        dead: list[DeadLetter] = []
+        for job in no_context:
+            if (job.claim_id, job.kind) in inserted:
                 SMS_FAILED.labels(job.kind).inc()
-                return reason
-            text = render(job, context, self._zone)
-            status = await self._pool.fetchval(_RESERVE, job.claim_id, job.kind,
-                                               context.phone, text)
-            if status != "pending":
-                return None  # sent already, or given up on earlier (dead-lettered then)
-            attempts = 0
-            try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_retriable),
-                    stop=stop_after_attempt(self._max_attempts),
-                    wait=wait_random_exponential(multiplier=self._backoff, max=5),
-                    reraise=True,
-                ):
-                    with attempt:
-                        attempts += 1
-                        if attempts > 1:
-                            SMS_RETRIED.inc()
-                        async with self._limiter:
-                            await self._provider.send(job.message_id, context.phone, text)
-            except ProviderError as exc:
-                await self._pool.execute(
-                    "UPDATE sms_messages SET status = 'failed', attempts = attempts + $3, "
-                    "last_error = $4 WHERE claim_id = $1 AND kind = $2",
-                    job.claim_id, job.kind, attempts, str(exc))
-                SMS_FAILED.labels(job.kind).inc()
-                log.warning("SMS %s to %s failed after %d attempts: %s", job.message_id,
-                            mask_phone(context.phone), attempts, exc,
+                log.warning("SMS %s not sent: %s", job.message_id, NO_CONTEXT,
                             extra={"request_id": job.request_id})
-                return f"provider failed after {attempts} attempts: {exc}"
-            await self._pool.execute(
-                "UPDATE sms_messages SET status = 'sent', attempts = attempts + $3, "
-                "sent_at = now() WHERE claim_id = $1 AND kind = $2",
-                job.claim_id, job.kind, attempts)
-            SMS_SENT.labels(job.kind).inc()
-            log.info("SMS %s sent to %s", job.message_id, mask_phone(context.phone),
-                     extra={"request_id": job.request_id})
-            return None
+                dead.append(DeadLetter(index_of[job.message_id], NO_CONTEXT))
+        for job in jobs:
+            key = (job.claim_id, job.kind)
+            if key in inserted:
+                if job.claim_id in contexts:
+                    pending.append(_Pending(index_of[job.message_id], job,
+                                            contexts[job.claim_id].phone,
+                                            texts[job.message_id]))
+            elif (row := existing.get(key)) is not None and row["status"] == "pending":
+                # Written by an earlier try that never marked it: send what the row says.
+                pending.append(_Pending(index_of[job.message_id], job, row["phone"],
+                                        row["body"]))
+            # Otherwise `sent` or `failed` before (and dead-lettered then): nothing to do.
+        return pending, dead
+
+    async def _deliver(self, message: _Pending) -> str | None:
+        """None when sent; otherwise why it was given up on."""
+        job = message.job
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_retriable),
+            stop=stop_after_attempt(self._max_attempts),
+            wait=wait_random_exponential(multiplier=self._backoff_base, max=self._backoff_max),
+            before_sleep=lambda _state: SMS_RETRIED.labels(job.kind).inc(),
+            reraise=True,
+        )
+        try:
+            await retrying(self._attempt, message)
+        except ProviderError as exc:
+            return await self._give_up(message, retrying.statistics, exc)
+        SMS_SENT.labels(job.kind).inc()
+        log.info("SMS %s sent to %s", job.message_id, mask_phone(message.phone),
+                 extra={"request_id": job.request_id})
+        return None
+
+    async def _attempt(self, message: _Pending) -> None:
+        """One provider call under the rate limit, its outcome recorded on the row."""
+        job = message.job
+        async with self._in_flight:
+            try:
+                async with self._limiter:
+                    await self._provider.send(job.message_id, message.phone, message.body)
+            except ProviderError as exc:
+                await self._pool.execute(_ATTEMPT_FAILED, job.claim_id, job.kind,
+                                         _error_text(exc))
+                raise
+            await self._pool.execute(_SENT, job.claim_id, job.kind)
+
+    async def _give_up(self, message: _Pending, statistics: dict[str, object],
+                       exc: ProviderError) -> str | None:
+        job = message.job
+        status = await self._pool.execute(_GIVEN_UP, job.claim_id, job.kind)
+        if status != "UPDATE 1":
+            return None  # another consumer sent it meanwhile (a rebalance)
+        attempts = statistics.get("attempt_number", 1)
+        SMS_FAILED.labels(job.kind).inc()
+        log.warning("SMS %s to %s given up after %s attempts: %s", job.message_id,
+                    mask_phone(message.phone), attempts, _error_text(exc),
+                    extra={"request_id": job.request_id})
+        return f"provider failed after {attempts} attempts: {_error_text(exc)}"
+
+
+def _error_text(exc: BaseException) -> str:
+    return mask_personal_data(str(exc))[:_MAX_ERROR]
 
 
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:
-    pool = await connect_pool(settings)
-    try:
-        async with aiohttp.ClientSession() as session:
-            processor = SmsProcessor(pool, provider_from_settings(settings, session), settings)
-            runner: ConsumerRunner[SmsJob] = ConsumerRunner(settings, processor)
-            await run_until(runner, stopping)
-    finally:
-        await pool.close()
+    """Open the pool (and the provider's HTTP session), consume until `stopping`, close."""
+    async with contextlib.AsyncExitStack() as resources:
+        pool = await connect_pool(settings)
+        resources.push_async_callback(pool.close)
+        session = None
+        if settings.sms_provider == "http":
+            session = await resources.enter_async_context(aiohttp.ClientSession())
+        processor = SmsProcessor(pool, provider_from_settings(settings, session), settings)
+        runner: ConsumerRunner[SmsJob] = ConsumerRunner(settings, processor)
+        await run_until(runner, stopping)
 
 
 def main(settings: Settings) -> None:
+    """`release-service consume sms`: until SIGTERM or SIGINT."""
     main_until_signalled(serve, settings)
