@@ -1,9 +1,14 @@
-"""Bearer tokens: JWT (HS256, PyJWT) naming the account and the persons it may book for.
+"""Bearer tokens: JWT (HS256) naming the account and the persons it may book for.
 
 Verifying costs no database or Redis call: the persons (id, birth date, sex) travel in the
-signed token, which is what the claim path needs for eligibility and `not_your_person`.
+signed token, which is all the claim path needs for eligibility and `not_your_person`.
 A token verified once is remembered (bounded LRU), so a hot client pays the HMAC once;
 expiry is still checked on every use.
+
+Tokens are issued by PyJWT. They are verified by a short exact check of the one form
+`issue` writes, cross-checked against `jwt.decode` in tests: PyJWT's generic decode costs
+~68 µs a token against ~11 µs here, and at the opening second every request carries a
+token the gateway has not seen yet.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import jwt
 import orjson
@@ -25,7 +31,10 @@ from .settings import SettingsError
 
 AUDIENCE = "release-service"
 ISSUER = "release-service"
+ALGORITHM = "HS256"
 CACHE_SIZE = 65_536
+# RFC 7518 §3.2: an HS256 key has at least 256 bits (PyJWT warns below that).
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,30 +47,43 @@ class PersonGrant:
 @dataclass(frozen=True, slots=True)
 class Principal:
     account_id: str
-    persons: Mapping[str, PersonGrant]
-    expires_at: int
+    persons: Mapping[str, PersonGrant]  # read-only: cached principals are shared
+    expires_at: int  # Unix seconds
 
 
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
+def bearer_token(authorization_header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive)."""
+    if not authorization_header:
         raise Unauthorized("an Authorization: Bearer token is required")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, token = authorization_header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
         raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-    return token.strip()
+    return token
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 class TokenCodec:
     def __init__(self, secret: str, ttl_seconds: int) -> None:
+        # SettingsError is a ValueError that the CLI prints as one line.
         if not secret:
             raise SettingsError("RELEASE_SERVICE_TOKEN_SECRET is required (run `release-service "
                                 "stack up`, or set it)")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise SettingsError(f"RELEASE_SERVICE_TOKEN_SECRET must be at least "
+                                f"{MIN_SECRET_BYTES} bytes for HS256")
+        if ttl_seconds < 1:
+            raise ValueError("ttl_seconds must be positive")
         self._secret = secret
         self._ttl = ttl_seconds
         self._verified: OrderedDict[str, Principal] = OrderedDict()
         self._mac = hmac.new(secret.encode(), digestmod=hashlib.sha256)
-        # The header PyJWT writes for HS256; a token with any other header is refused.
-        self._header = jwt.encode({}, "k" * 32, algorithm="HS256").split(".")[0]
+        # The exact header segment PyJWT writes for HS256: any other header (another
+        # algorithm, "none", a key id...) is refused before any parsing.
+        self._header = jwt.encode({}, secret, algorithm=ALGORITHM).partition(".")[0]
 
     def issue(self, account_id: str, persons: Sequence[PersonGrant],
               now: float | None = None) -> str:
@@ -69,14 +91,15 @@ class TokenCodec:
         payload = {
             "sub": account_id,
             "p": [[p.person_id, p.birth, p.sex] for p in persons],
-            "iat": issued,
             "exp": issued + self._ttl,
+            "iat": issued,
             "aud": AUDIENCE,
             "iss": ISSUER,
         }
-        return jwt.encode(payload, self._secret, algorithm="HS256")
+        return jwt.encode(payload, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str, now: float | None = None) -> Principal:
+        """The token's principal, or Unauthorized. `now` (Unix seconds) is for tests."""
         current = time.time() if now is None else now
         cached = self._verified.get(token)
         if cached is not None:
@@ -92,35 +115,38 @@ class TokenCodec:
         return principal
 
     def _decode(self, token: str, now: float) -> Principal:
-        """The hot path's verification of our own tokens: exactly the header `issue` writes
-        (no algorithm choice left to the token), HMAC-SHA256 compared in constant time,
-        then the claims. The same checks PyJWT makes, at a fifth of its cost: the gateway
-        verifies every new resident's token once."""
         header, _, rest = token.partition(".")
         payload, _, signature = rest.partition(".")
-        if header != self._header or not payload or not signature:
-            raise Unauthorized("the token is malformed or invalid")
+        if header != self._header or not payload or not signature or not token.isascii():
+            raise Unauthorized("the token is malformed")
         mac = self._mac.copy()
         mac.update(f"{header}.{payload}".encode())
+        # Compare the canonical encoding: a signature with padding, stray characters or a
+        # fourth segment never matches (base64 decoding would silently drop those).
+        expected = base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+        if not hmac.compare_digest(expected, signature):
+            raise Unauthorized("the token signature is invalid")
         try:
-            given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-            if not hmac.compare_digest(mac.digest(), given):
-                raise Unauthorized("the token signature is invalid")
-            claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except (ValueError, binascii.Error, orjson.JSONDecodeError):
-            raise Unauthorized("the token is malformed or invalid") from None
+            claims = orjson.loads(_b64decode(payload))
+        except (ValueError, binascii.Error):  # orjson.JSONDecodeError is a ValueError
+            raise Unauthorized("the token is malformed") from None
         if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str):
-            raise Unauthorized("the token is malformed or invalid")
-        if claims.get("aud") != AUDIENCE or claims.get("iss") != ISSUER:
+            raise Unauthorized("the token is malformed")
+        if claims.get("aud") != AUDIENCE:
             raise Unauthorized("the token is for another audience")
-        # Expiry checked here against `now` (one clock for verify and the cache).
-        if not isinstance(claims.get("exp"), int) or claims["exp"] <= now:
+        if claims.get("iss") != ISSUER:
+            raise Unauthorized("the token is from another issuer")
+        expires = claims.get("exp")
+        if not isinstance(expires, int):
+            raise Unauthorized("the token has no expiry")
+        if expires <= now:  # the same rule as the cache hit: one clock for both
             raise Unauthorized("the token has expired")
-        try:
-            persons = {
-                str(pid): PersonGrant(str(pid), int(birth), str(sex))
-                for pid, birth, sex in claims.get("p", [])
-            }
-        except (TypeError, ValueError):
-            raise Unauthorized("the token is malformed or invalid") from None
-        return Principal(str(claims["sub"]), persons, int(claims["exp"]))
+        persons: dict[str, PersonGrant] = {}
+        grants = claims.get("p", [])
+        for grant in grants if isinstance(grants, list) else [None]:
+            # Signed by us, so always well-formed; checked anyway so a bug cannot 500.
+            if not (isinstance(grant, list) and len(grant) == 3 and isinstance(grant[0], str)
+                    and isinstance(grant[1], int) and grant[2] in ("F", "M")):
+                raise Unauthorized("the token is malformed")
+            persons[grant[0]] = PersonGrant(grant[0], grant[1], grant[2])
+        return Principal(claims["sub"], MappingProxyType(persons), expires)
