@@ -22,6 +22,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from release_service.aio import wait_event
 from release_service.kafka import kafka_producer
 from release_service.metrics import KAFKA_CONSUMER_LAG, watch_event_loop
 from release_service.settings import Settings
@@ -132,8 +133,7 @@ class ConsumerRunner(Generic[E]):
             except Exception:
                 log.warning("%s: batch of %d failed; retrying in %.1fs", p.group_id,
                             len(good), delay, exc_info=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                await wait_event(self._stopping, delay)
                 if self._stopping.is_set():
                     return False
                 delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
@@ -184,8 +184,7 @@ async def _start_with_retry(client: Any, what: str, stopping: asyncio.Event) -> 
             return True
         except KafkaError:
             log.warning("Kafka unreachable for the %s; retrying in %.1fs", what, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+            await wait_event(stopping, delay)
             delay = min(delay * 2, 5.0)
     return False
 

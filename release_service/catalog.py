@@ -9,7 +9,6 @@ win and no read ever queries PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 
 from . import keys
+from .aio import wait_event
 from .errors import Closed, NotOpen, Paused, ServiceError, SoldOut
 from .metrics import STOCK_REMAINING
 from .person_script import Limits
@@ -108,6 +108,7 @@ class ReleaseCatalog:
         self._clock_offset_ms = 0.0
         self._list_page = b"[]"
         self._wake = asyncio.Event()
+        self._closed = False
 
     def now_ms(self) -> int:
         """Redis time as this gateway estimates it (offset measured at every refresh)."""
@@ -137,6 +138,11 @@ class ReleaseCatalog:
             view.remaining_by_slot[slot_id] = view.remaining_by_slot.get(slot_id, 0) + 1
 
     def poke(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        """End `run` after its current refresh."""
+        self._closed = True
         self._wake.set()
 
     async def refresh(self) -> None:
@@ -194,14 +200,17 @@ class ReleaseCatalog:
         )
 
     async def run(self) -> None:
-        """Refresh forever; a failed refresh keeps the last view and is retried."""
-        while True:
+        """Refresh until `close`; a failed refresh keeps the last view and is retried.
+
+        Ended by a flag rather than by cancellation alone: a cancellation that lands in
+        a redis-py command can be absorbed there, and the loop would then run on and hold
+        up the shutdown forever."""
+        while not self._closed:
             try:
                 await self.refresh()
             except Exception:
                 log.warning("release view refresh failed; keeping the last view", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._refresh_seconds)
+            await wait_event(self._wake, self._refresh_seconds)
             self._wake.clear()
 
     async def listen(self) -> None:

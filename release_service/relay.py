@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError, ResponseError
 
 from . import keys, topics
+from .aio import wait_event
 from .kafka import ensure_topics, kafka_producer
 from .metrics import watch_event_loop
 from .redis_client import AnyRedis, redis_from_url
@@ -132,8 +133,7 @@ class Relay:
                 delay = 0.2
             except (KafkaError, RedisError, OSError, TimeoutError) as exc:
                 log.warning("relay cycle failed (%s); retrying in %.1fs", exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                await wait_event(self._stopping, delay)
                 delay = min(delay * 2, 5.0)
                 with contextlib.suppress(KafkaError, OSError, TimeoutError):
                     await ensure_topics(self._settings)
@@ -232,8 +232,7 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
         except (KafkaError, OSError) as exc:
             log.warning("Kafka unreachable at start (%s); retrying", exc)
             # A stop request while Kafka is down must end the process, not the retry.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+            await wait_event(stop, 1.0)
             if stop.is_set():
                 with contextlib.suppress(KafkaError):
                     await producer.stop()

@@ -187,8 +187,9 @@ def _redis_ping(port: int) -> bool:
 async def _kafka_metadata(port: int) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=2000)
     try:
-        await asyncio.wait_for(admin.start(), 3)  # bootstrapping fetches metadata
-        return bool((await asyncio.wait_for(admin.describe_cluster(), 3))["brokers"])
+        async with asyncio.timeout(6):
+            await admin.start()  # bootstrapping fetches metadata
+            return bool((await admin.describe_cluster())["brokers"])
     except (KafkaError, OSError, TimeoutError):
         return False
     finally:
@@ -214,6 +215,7 @@ class Stack:
         self.logs = self.root / "logs"
         # Children started by this object, polled so that they are reaped when they exit.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._exit_codes: dict[int, int] = {}  # of children that ended, for error messages
 
     # -- bookkeeping ----------------------------------------------------------------
     @property
@@ -248,6 +250,7 @@ class Stack:
     def _reap(self) -> None:
         for pid, child in list(self._children.items()):
             if child.poll() is not None:
+                self._exit_codes[pid] = child.returncode
                 del self._children[pid]
 
     def _running(self, name: str) -> int | None:
@@ -281,6 +284,13 @@ class Stack:
         self._children[process.pid] = process
         (self.root / f"{name}.pid").write_text(f"{process.pid}\n")
 
+    def _exit_status(self, name: str) -> str:
+        pid = self.pid(name)
+        code = self._exit_codes.get(pid) if pid is not None else None
+        if code is None:
+            return f"pid {pid}, exit status unknown"
+        return f"pid {pid}, " + (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+
     def _log_tail(self, name: str, lines: int = 5) -> str:
         with contextlib.suppress(OSError):
             tail = self.log_file(name).read_text(errors="replace").strip().splitlines()[-lines:]
@@ -306,8 +316,8 @@ class Stack:
         while True:
             pid = self._running(name)
             if pid is None:
-                raise CommandError(f"{name} exited while starting; see {self.log_file(name)}"
-                                   + self._log_tail(name))
+                raise CommandError(f"{name} exited while starting ({self._exit_status(name)}); "
+                                   f"see {self.log_file(name)}" + self._log_tail(name))
             if self._healthy(name, port):
                 return
             if time.monotonic() > deadline:

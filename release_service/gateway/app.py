@@ -4,7 +4,6 @@ resource. Nothing else happens here."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -74,11 +73,10 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(catalog.run()), asyncio.create_task(catalog.listen()),
              asyncio.create_task(watch_event_loop())]
     yield
-    for task in tasks:
+    catalog.close()
+    for task in tasks[1:]:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -27,8 +27,8 @@ class KafkaProbe:
     async def _check(self) -> bool:
         for host, _, port in self._servers:
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port)), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    _, writer = await asyncio.open_connection(host, int(port))
             except (OSError, TimeoutError):
                 continue
             writer.close()

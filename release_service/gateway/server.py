@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 from aiohttp import web
@@ -30,18 +31,32 @@ SHUTDOWN_SECONDS = 10.0
 def serve(settings: Settings) -> None:
     """One gateway process, until SIGTERM or SIGINT."""
     configure_logging(settings.log_level)
-    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - platforms without uvloop
-        loop = asyncio.new_event_loop()
-    web.run_app(
-        create_app(settings), host=settings.http_host, port=settings.http_port,
-        reuse_port=settings.gateway_processes > 1, access_log=None, print=None,
-        shutdown_timeout=SHUTDOWN_SECONDS, loop=loop, handle_signals=True,
-    )
+        loop_factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve_until_signal(settings))
+
+
+async def _serve_until_signal(settings: Settings) -> None:
+    # A signal only sets an event; run_app's way (raising GracefulExit out of the signal
+    # handler) can leave uvloop waiting forever once the cleanup has finished.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    runner = web.AppRunner(create_app(settings), access_log=None,
+                           shutdown_timeout=SHUTDOWN_SECONDS)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.http_host, settings.http_port,
+                          reuse_port=settings.gateway_processes > 1).start()
+        await stopping.wait()
+    finally:
+        await runner.cleanup()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
