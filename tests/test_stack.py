@@ -192,6 +192,42 @@ async def test_a_stopped_component_is_restarted_by_up_on_its_port(private_stack,
     assert {t: partitions.get(t) for t in topics.ALL} == dict.fromkeys(topics.ALL, expected)
 
 
+def crashing_broker(folder: Path, crashes: int) -> str:
+    """A `tansu` that exits with code 3 on its first `crashes` launches, then is Tansu."""
+    real, script = stack_module.tansu_binary(), folder / "tansu"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {folder}/launches 2>/dev/null || echo 0); echo $((n + 1)) > {folder}/launches\n"
+        f'[ "$n" -lt {crashes} ] && exit 3\n'
+        f'exec {real} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_component_that_dies_while_starting_is_launched_again(private_stack, tmp_path,
+                                                                 monkeypatch):
+    broker = crashing_broker(tmp_path, crashes=1)
+    monkeypatch.setattr(stack_module, "tansu_binary", lambda: broker)
+    private_stack.stop("kafka")
+    private_stack.start("kafka")
+    assert (tmp_path / "launches").read_text().strip() == "2"
+    assert next(r for r in private_stack.status() if r.name == "kafka").healthy
+
+
+def test_a_component_that_keeps_dying_is_reported_with_its_exit_code(private_stack, tmp_path,
+                                                                     monkeypatch):
+    broker = crashing_broker(tmp_path, crashes=99)
+    monkeypatch.setattr(stack_module, "tansu_binary", lambda: broker)
+    private_stack.stop("kafka")
+    try:
+        with pytest.raises(CommandError, match=r"exited while starting .*exit code 3"):
+            private_stack.start("kafka")
+        assert (tmp_path / "launches").read_text().strip() == str(stack_module.START_ATTEMPTS)
+    finally:
+        monkeypatch.undo()
+        private_stack.up()  # the real broker again, with its topics, for the next tests
+
+
 def test_a_stale_pid_file_is_cleaned_and_its_process_left_alone(private_stack):
     private_stack.stop("redis")
     stranger = subprocess.Popen(["sleep", "60"])
