@@ -18,6 +18,7 @@ import asyncpg
 from . import errors, keys
 from .direct_sms import DirectSms
 from .lua import lua_source
+from .rate_limits import RateLimits
 from .redis_client import AnyRedis
 from .resident_id import mask_resident_id, parse_resident_id
 from .tokens import PersonGrant
@@ -25,8 +26,6 @@ from .tokens import PersonGrant
 OTP_SECONDS = 300
 OTP_TRIES = 5
 OTP_COOLDOWN_SECONDS = 60
-OTP_PER_PHONE_PER_DAY = 10
-OTP_PER_ADDRESS_PER_HOUR = 30
 ACCOUNTS_PER_PHONE = 2
 PERSONS_PER_ACCOUNT = 5
 PHONE = re.compile(r"^1[3-9][0-9]{9}$")
@@ -46,13 +45,15 @@ def check_name(name: object) -> str:
     return name.strip()
 
 
-def _otp_keys(phone: str) -> tuple[str, str, str]:
-    return f"otp:{{{phone}}}:code", f"otp:{{{phone}}}:cooldown", f"otp:{{{phone}}}:day"
+def _otp_keys(phone: str) -> tuple[str, str]:
+    return f"otp:{{{phone}}}:code", f"otp:{{{phone}}}:cooldown"
 
 
 class OneTimeCodes:
-    def __init__(self, redis: AnyRedis, sms: DirectSms, secret: str) -> None:
+    def __init__(self, redis: AnyRedis, sms: DirectSms, secret: str,
+                 limits: RateLimits) -> None:
         self._redis = redis
+        self._limits = limits
         self._sms = sms
         self._secret = secret.encode()
         self._verify = redis.register_script(lua_source("otp_verify.lua"))
@@ -61,29 +62,22 @@ class OneTimeCodes:
         return hmac.new(self._secret, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
 
     async def send(self, phone: str, client_address: str) -> None:
-        code_key, cooldown_key, day_key = _otp_keys(phone)
-        address_key = f"otp:addr:{{{client_address}}}"
-        sent_by_address = await self._redis.incr(address_key)
-        if sent_by_address == 1:
-            await self._redis.expire(address_key, 3600)
-        if sent_by_address > OTP_PER_ADDRESS_PER_HOUR:
-            raise errors.RateLimited("too many codes requested from this address",
-                                     retry_after=3600)
+        code_key, cooldown_key = _otp_keys(phone)
+        await self._limits.check(self._limits.of("otp", "address", client_address),
+                                 message="too many codes requested from this address")
         if not await self._redis.set(cooldown_key, 1, nx=True, ex=OTP_COOLDOWN_SECONDS):
             raise errors.RateLimited("a code was sent a moment ago",
                                      retry_after=OTP_COOLDOWN_SECONDS)
-        today = await self._redis.incr(day_key)
-        if today == 1:
-            await self._redis.expire(day_key, 86400)
-        if today > OTP_PER_PHONE_PER_DAY:
-            raise errors.RateLimited("too many codes for this phone today", retry_after=86400)
+        await self._limits.check(self._limits.of("otp", "phone", phone),
+                                 message="too many codes for this phone today")
         code = f"{secrets.randbelow(10**6):06d}"
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(code_key)
         pipe.hset(code_key, mapping={"digest": self._digest(phone, code), "tries": 0})
         pipe.expire(code_key, OTP_SECONDS)
         await pipe.execute()
-        await self._sms.send_otp(f"otp:{phone}:{today}", phone, code)
+        # A fresh id per code: the provider's de-duplication must not swallow a resend.
+        await self._sms.send_otp(f"otp:{secrets.token_hex(8)}", phone, code)
 
     async def check(self, phone: str, code: object) -> None:
         if not isinstance(code, str) or not re.fullmatch(r"[0-9]{6}", code):

@@ -9,6 +9,7 @@ variables. The settings file holds `RELEASE_SERVICE_NAME=value` lines (the forma
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,22 @@ class Settings:
     limit_per_day: int = 2
     limit_per_7_days: int = 3
     limit_per_3_months: int = 5
+    # Rate limits shared by every gateway process (0 = none). A refused request gets 429
+    # with Retry-After. Lookup misses (a code that is not yours) have a budget of their
+    # own so that guessing booking codes is hopeless: see README "Rate limits".
+    rate_claims_per_account_per_minute: int = 30
+    rate_claims_per_address_per_minute: int = 600
+    rate_lookups_per_account_per_minute: int = 60
+    rate_lookups_per_address_per_minute: int = 600
+    rate_lookup_misses_per_account_per_hour: int = 20
+    rate_lookup_misses_per_address_per_hour: int = 100
+    rate_otp_per_phone_per_day: int = 10
+    rate_otp_per_address_per_hour: int = 30
+    # Addresses no per-address limit applies to (load generators on this host).
+    rate_limit_exempt_addresses: str = "127.0.0.1,::1"
+    # Proxies whose X-Forwarded-For is believed (comma-separated addresses); from any
+    # other peer the header is ignored, so clients cannot pick their own address.
+    trusted_proxies: str = ""
     # How often the no-show pass runs inside the relay process.
     no_show_interval_seconds: float = 300.0
     redis_appendfsync: str = "everysec"
@@ -165,6 +182,16 @@ def _validate(s: Settings) -> None:
                  "max_body_bytes", "max_in_flight"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive number")
+    for name in [f.name for f in dataclasses.fields(s) if f.name.startswith("rate_")
+                 and f.type == "int"]:
+        if getattr(s, name) < 0:
+            raise bad(name, "expected 0 (no limit) or a positive number")
+    for name in ("rate_limit_exempt_addresses", "trusted_proxies"):
+        for address in filter(None, (a.strip() for a in getattr(s, name).split(","))):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise bad(name, "expected comma-separated IP addresses") from None
     if s.sms_rate_per_second <= 0 or s.release_view_refresh_seconds <= 0:
         raise bad("sms_rate_per_second", "expected a positive number")
     if s.sms_provider not in {"sink", "http"}:

@@ -12,6 +12,7 @@ from ..accounts import Person
 from .appkeys import DATABASE, OTP, REDIS, TOKENS
 from .auth import resident
 from .bodies import read_json_object
+from .limits import client_of
 
 JSON = "application/json"
 
@@ -28,7 +29,7 @@ def _answer(request: web.Request, account_id: str, persons: list[Person],
 async def post_otp(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     phone = accounts.check_phone(data.get("phone"))
-    await request.app[OTP].send(phone, request.remote or "unknown")
+    await request.app[OTP].send(phone, client_of(request))
     return web.Response(status=202, content_type=JSON,
                         body=orjson.dumps({"sent": True, "expires_in": accounts.OTP_SECONDS}))
 

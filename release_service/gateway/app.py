@@ -21,6 +21,7 @@ from ..db import connect_pool
 from ..direct_sms import DirectSms
 from ..metrics import watch_event_loop
 from ..person_script import Limits, PersonScript
+from ..rate_limits import RateLimits
 from ..redis_client import redis_from_url
 from ..relay import run_relay
 from ..settings import Settings
@@ -36,6 +37,7 @@ from .appkeys import (
     KAFKA_PROBE,
     OTP,
     PERSONS_SCRIPT,
+    RATE_LIMITS,
     REDIS,
     RELEASES,
     RESERVATIONS,
@@ -88,7 +90,9 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RELEASES] = TickBatcher("release", persons.release_batch)
     app[CANCELS] = CancelScript(redis)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
+    app[RATE_LIMITS] = RateLimits(redis, settings)
     yield
+    await app[RATE_LIMITS].drain()
     # Script calls already sent have taken stock: let them finish before Redis closes.
     await reservations.drain()
     await app[RELEASES].drain()
@@ -99,7 +103,8 @@ async def sms_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         provider = provider_from_settings(app[SETTINGS], session)
         app[SMS] = DirectSms(app[DATABASE], provider, app[SETTINGS])
-        app[OTP] = OneTimeCodes(app[REDIS], app[SMS], app[SETTINGS].token_secret)
+        app[OTP] = OneTimeCodes(app[REDIS], app[SMS], app[SETTINGS].token_secret,
+                                app[RATE_LIMITS])
         yield
 
 

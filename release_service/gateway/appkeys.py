@@ -12,6 +12,7 @@ from ..catalog import ReleaseCatalog
 from ..claim_script import ClaimOutcome, ClaimRequest
 from ..direct_sms import DirectSms
 from ..person_script import PersonScript, Reservation, ReserveOutcome
+from ..rate_limits import RateLimits
 from ..redis_client import AnyRedis
 from ..settings import Settings
 from ..tick_batcher import TickBatcher
@@ -32,3 +33,4 @@ BOOKINGS = web.AppKey("bookings", BookingStore)
 SMS = web.AppKey("sms", DirectSms)
 OTP = web.AppKey("otp", OneTimeCodes)
 KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)
+RATE_LIMITS = web.AppKey("rate_limits", RateLimits)

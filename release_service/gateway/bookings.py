@@ -13,9 +13,20 @@ from .. import errors, keys
 from ..attendance import check_in
 from ..bookings import Booking, from_row
 from ..releases import iso
-from .appkeys import BOOKINGS, CANCELS, CATALOG, DATABASE, PERSONS_SCRIPT, REDIS, SETTINGS, SMS
+from .appkeys import (
+    BOOKINGS,
+    CANCELS,
+    CATALOG,
+    DATABASE,
+    PERSONS_SCRIPT,
+    RATE_LIMITS,
+    REDIS,
+    SETTINGS,
+    SMS,
+)
 from .auth import require_admin, resident
 from .claims import claim_body
+from .limits import client_of, limit
 
 JSON = "application/json"
 RESENDS_PER_DAY = 3
@@ -44,16 +55,29 @@ def booking_body(request: web.Request, booking: Booking) -> dict[str, Any]:
 
 
 async def _own_booking(request: web.Request) -> Booking:
+    """The caller's booking with this code. Misses have a small budget of their own (per
+    account and per address), so guessing codes stops long before it could pay off."""
     principal = resident(request)
+    limits, address = request.app[RATE_LIMITS], client_of(request)
+    await limits.check(
+        limits.of("lookups", "account", principal.account_id),
+        limits.of("lookups", "address", address),
+        limits.of("lookup_misses", "account", principal.account_id, cost=0),
+        limits.of("lookup_misses", "address", address, cost=0),
+        message="too many booking lookups")
     booking = await request.app[BOOKINGS].by_code(request.match_info["code"],
                                                   principal.account_id)
     if booking is None:
+        await limits.check(limits.of("lookup_misses", "account", principal.account_id),
+                           limits.of("lookup_misses", "address", address),
+                           message="too many lookups of codes that are not yours")
         raise errors.NotFound("no booking with this code")
     return booking
 
 
 async def list_bookings(request: web.Request) -> web.Response:
     principal = resident(request)
+    await limit(request, "lookups", principal.account_id, message="too many booking lookups")
     found = await request.app[BOOKINGS].of_account(principal.account_id)
     return web.Response(body=orjson.dumps([booking_body(request, b) for b in found]),
                         content_type=JSON)

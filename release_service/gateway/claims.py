@@ -25,6 +25,7 @@ from ..tokens import Principal
 from .appkeys import CATALOG, CLAIMS, DATABASE, REDIS, RELEASES, RESERVATIONS, SETTINGS
 from .auth import resident
 from .bodies import read_json_object
+from .limits import limit
 from .middleware import problem_response
 
 MAX_IDEMPOTENCY_KEY = 128
@@ -126,6 +127,7 @@ async def post_claim(request: web.Request) -> web.Response:
     # Verified after the local refusals: they tell nothing the public release page does
     # not, and a sold-out spike then costs no HMAC per request.
     principal: Principal = resident(request)
+    await limit(request, "claims", principal.account_id, message="too many claims")
 
     data = await read_json_object(request)
     person_id = _text_field(data, "person_id", required=True)
