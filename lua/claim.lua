@@ -92,15 +92,16 @@ local function available(slot)
   return released - tonumber(redis.call('HGET', taken, slot) or '0')
 end
 
--- Keyed permutation of [0, 10^8): a balanced Feistel network on two 4-digit halves.
--- Sequence numbers are unique across releases (blocks from PostgreSQL), so are codes;
--- neighbours in the sequence give unrelated codes.
+-- Keyed permutation of [0, 10^8): a balanced Feistel network on two 4-digit halves whose
+-- round function is a keyed hash (SHA-1), so that neighbours in the sequence give
+-- unrelated codes. Sequence numbers are unique across releases (blocks from
+-- PostgreSQL), so are codes. release_service/booking_codes.py is the same in Python.
 local function code_for(seq)
   local hi, lo = math.floor(seq / 10000), seq % 10000
   local keys = {k1, k2, k3, k4, k1 + k3, k2 + k4}
   for r = 1, 6 do
-    local k = keys[r]
-    local f = ((lo * 7919 + k) % 1000003) * ((lo + k * 31 + r) % 9973) % 10000
+    local digest = redis.sha1hex(string.format('%d:%d:%d', keys[r], r, lo))
+    local f = tonumber(string.sub(digest, 1, 8), 16) % 10000
     hi, lo = lo, (hi + f) % 10000
   end
   return string.format('%08d', hi * 10000 + lo)
