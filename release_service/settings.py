@@ -206,6 +206,19 @@ def _validate(s: Settings) -> None:
         raise bad("timezone", "expected an IANA time zone such as Asia/Shanghai") from None
 
 
+# Settings that may come from a file (NAME_FILE=path: container and Kubernetes secrets),
+# so that they need not sit in the environment of every process.
+FILE_SETTINGS = frozenset({"admin_token", "token_secret", "code_secret", "sms_provider_key",
+                           "database_url", "redis_url"})
+
+
+def _read_secret_file(key: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{key}: cannot read {path} ({exc.strerror})") from None
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, **overrides: object
 ) -> Settings:
@@ -224,7 +237,9 @@ def load_settings(
         name = key[len(PREFIX):].lower()
         if name in {"settings_file"}:
             continue
-        if name not in _FIELDS:
+        if name.endswith("_file") and name[:-5] in FILE_SETTINGS:
+            name, value = name[:-5], _read_secret_file(key, value)
+        elif name not in _FIELDS:
             raise SettingsError(f"unknown setting {key}")
         values[name] = _convert(name, value)
     values.update(overrides)
