@@ -124,7 +124,7 @@ async def test_slow_clients_do_not_hold_up_the_others(api: Api, gateway_url, sta
 
     async def slow_client() -> None:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
             return
         try:

@@ -9,14 +9,22 @@ import secrets
 import time
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import PROBLEM_CONTENT_TYPE, ServiceError
+from ..errors import PROBLEM_CONTENT_TYPE, ServiceError, Unavailable
 from ..metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger("release_service.gateway")
+
+# Failures of a backing engine, not of the request: 503 with Retry-After. A claim whose
+# reply was lost this way is not acknowledged; a retry with its Idempotency-Key replays it.
+ENGINE_DOWN = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnectionError,
+               asyncpg.CannotConnectNowError, asyncpg.InterfaceError, OSError)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Request ids: unique per process start, cheap to make (no syscall per request).
@@ -72,6 +80,12 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         if exc.status < 400:
             raise
         response = problem_response(exc.status, _http_problem(exc), request_id)
+    except ENGINE_DOWN as exc:  # Redis or PostgreSQL unreachable or restarting
+        log.warning("%s %s (request %s): engine unavailable: %s", request.method,
+                    _route_name(request), request_id, type(exc).__name__)
+        failure = Unavailable("a backing service is unavailable; try again shortly",
+                              retry_after=1)
+        response = problem_response(503, failure.body(), request_id, failure.retry_after)
     except Exception:
         log.exception("unhandled error on %s %s (request %s)",
                       request.method, _route_name(request), request_id)
