@@ -31,9 +31,9 @@ class ServiceProcess:
         self.settings_file = folder / f"{name}.env"
         values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
         values.update(overrides)
-        for name in overrides:  # NAME_FILE=path stands in for NAME
-            if name.endswith("_file"):
-                values.pop(name[:-5], None)
+        for setting in overrides:  # NAME_FILE=path stands in for NAME
+            if setting.endswith("_file"):
+                values.pop(setting[:-5], None)
         write_settings_file(self.settings_file, values)
         self.args = [str(BIN), *args]
         self.log_path = folder / f"{name}.log"
