@@ -27,7 +27,7 @@ from ..relay import run_relay
 from ..settings import Settings
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import accounts, bookings, claims, health, ops, releases
+from . import accounts, bookings, claims, health, openapi, ops, releases
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -131,6 +131,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.document)
     app.router.add_get("/ops", ops.page)
     app.router.add_get("/ops/stream", ops.stream)
 

@@ -80,6 +80,8 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         if exc.status < 400:
             raise
         response = problem_response(exc.status, _http_problem(exc), request_id)
+        if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
     except ENGINE_DOWN as exc:  # Redis or PostgreSQL unreachable or restarting
         log.warning("%s %s (request %s): engine unavailable: %s", request.method,
                     _route_name(request), request_id, type(exc).__name__)

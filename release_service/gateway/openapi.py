@@ -1,0 +1,235 @@
+"""The OpenAPI 3.1 description of the whole HTTP API, served at GET /openapi.json.
+
+Built here rather than kept as a file so that its repeated parts (problem responses,
+security, path parameters) are written once; `tests/test_openapi.py` checks that it
+names exactly the routes the app serves and fuzzes the live gateway against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+_TITLES = {
+    400: "Malformed request", 401: "Missing or invalid token", 403: "Not allowed",
+    404: "Not found", 405: "Method not allowed", 409: "Conflict with the current state",
+    410: "The release is closed", 413: "Request body too large",
+    415: "Unsupported media type", 422: "Invalid input", 425: "Not open yet or paused",
+    429: "Too many requests (Retry-After)", 503: "Overloaded or a backing service is down "
+    "(Retry-After)",
+}
+# Any route may answer these: a malformed request, shedding past the in-flight limit, a
+# backing engine down.
+_ALWAYS = (400, 405, 503)
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 64}
+_CODE = {"type": "string", "pattern": "^[0-9]{8}$"}
+_TIME = {"type": "string", "format": "date-time"}
+_PHONE = {"type": "string", "pattern": "^1[3-9][0-9]{9}$"}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 32}
+# The last character is a checksum (GB 11643): a well-formed number can still be refused.
+_RESIDENT_ID = {"type": "string", "pattern": "^[0-9]{17}[0-9X]$"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object", "required": ["type", "title", "status", "code", "detail"],
+        "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                       "status": {"type": "integer"}, "code": {"type": "string"},
+                       "detail": {"type": "string"}},
+    },
+    "Claim": {
+        "type": "object",
+        "required": ["claim_id", "code", "release_id", "slot_id", "person_id", "status",
+                     "claimed_at"],
+        "properties": {"claim_id": {"type": "string"}, "code": _CODE,
+                       "release_id": {"type": "string"}, "slot_id": {"type": "string"},
+                       "person_id": {"type": "string"}, "status": {"type": "string"},
+                       "claimed_at": _TIME},
+    },
+    "Booking": {
+        "type": "object", "required": ["code", "status", "persisted", "claim"],
+        "properties": {"code": _CODE, "status": {"type": "string"},
+                       "persisted": {"type": "boolean"}, "claim": _ref("Claim"),
+                       "release": {"type": "object"}, "slot": {"type": "object"},
+                       "cancelled_at": _TIME},
+    },
+    "Release": {
+        "type": "object", "required": ["release_id", "slots"],
+        "properties": {"release_id": {"type": "string"}, "status": {"type": "string"},
+                       "remaining": {"type": "integer"},
+                       "slots": {"type": "array", "items": {"type": "object"}}},
+    },
+    "ReleaseDefinition": {
+        "type": "object",
+        "required": ["vaccine", "dose", "clinic_id", "department", "opens_at", "closes_at",
+                     "slots"],
+        "properties": {
+            "release_id": _ID, "vaccine": {"type": "string"}, "dose": {"type": "integer"},
+            "clinic_id": {"type": "string"}, "department": {"type": "string"},
+            "opens_at": _TIME, "closes_at": _TIME,
+            "slots": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["slot_id", "starts_at", "ends_at", "capacity"],
+                "properties": {"slot_id": _ID, "starts_at": _TIME, "ends_at": _TIME,
+                               "capacity": {"type": "integer", "minimum": 0}}}},
+            "waves": {"type": "array", "items": {
+                "type": "object", "required": ["opens_at", "share"],
+                "properties": {"opens_at": _TIME, "share": {"type": "number"}}}},
+            "eligibility": {"type": "object", "properties": {
+                "min_age": {"type": "integer"}, "max_age": {"type": "integer"},
+                "sex": {"enum": ["F", "M"]}}},
+            "cancellation": {"type": "object"}, "limits": {"type": "object"},
+        },
+    },
+    "Account": {
+        "type": "object", "required": ["account_id", "token", "persons"],
+        "properties": {"account_id": {"type": "string"}, "token": {"type": "string"},
+                       "persons": {"type": "array", "items": _ref("Person")},
+                       "registered": {"type": "boolean"}},
+    },
+    "Person": {
+        "type": "object", "required": ["person_id", "real_name", "id_number"],
+        "properties": {"person_id": {"type": "string"}, "real_name": {"type": "string"},
+                       "id_number": {"type": "string", "description": "masked"},
+                       "birth_date": {"type": "string"}, "sex": {"enum": ["F", "M"]},
+                       "is_holder": {"type": "boolean"}},
+    },
+}
+
+
+def _responses(success: dict[int, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for status, body in success.items():
+        # A schema means a JSON body; a mapping of media types is used as it is.
+        content = body if any("/" in key for key in body) else {JSON: {"schema": body}}
+        out[str(status)] = {"description": "OK", **({"content": content} if content else {})}
+    for status in sorted(set(errors) | set(_ALWAYS)):
+        out[str(status)] = {"description": _TITLES[status],
+                            "content": {PROBLEM: {"schema": _ref("Problem")}}}
+    return out
+
+
+def _op(summary: str, success: dict[int, Any], errors: tuple[int, ...] = (), *,
+        auth: str | None = None, body: dict[str, Any] | None = None,
+        params: tuple[str, ...] = (), headers: tuple[dict[str, Any], ...] = ()
+        ) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": _responses(
+        success, errors + ((401,) if auth else ()))}
+    if auth:
+        op["security"] = [{auth: []}]
+    parameters = [{"name": p, "in": "path", "required": True,
+                   "schema": _CODE if p == "code" else _ID} for p in params]
+    parameters += list(headers)
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+    return op
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_LIMITED = (429,)
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "schema": {"type": "string", "maxLength": 128}}
+_BOOKING_ERRORS = (404, 429)
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {"get": _op("The process is alive", {200: {"type": "object"}})},
+    "/readyz": {"get": _op("Redis and Kafka are reachable", {200: {"type": "object"}})},
+    "/metrics": {"get": _op("Prometheus metrics", {200: _TEXT})},
+    "/openapi.json": {"get": _op("This description", {200: {"type": "object"}})},
+    "/ops": {"get": _op("The operations page (HTML)",
+                        {200: {"text/html": {"schema": {"type": "string"}}}})},
+    "/ops/stream": {"get": _op("Live release figures (server-sent events)", {
+        200: {"text/event-stream": {"schema": {"type": "string"}}}}, auth="admin")},
+    "/v1/releases": {"get": _op("Open and upcoming releases",
+                                {200: {"type": "array", "items": _ref("Release")}})},
+    "/v1/releases/{release_id}": {"get": _op(
+        "A release with its slots and remaining stock", {200: _ref("Release")}, (404,),
+        params=("release_id",))},
+    "/v1/releases/{release_id}/claims": {"post": _op(
+        "Claim a slot for a person of the account", {201: _ref("Claim")},
+        (403, 404, 409, 410, 413, 415, 422, 425, 429), auth="resident",
+        params=("release_id",), headers=(_IDEMPOTENCY,),
+        body=_obj(["person_id"], person_id=_ID, slot_id=_ID))},
+    "/v1/otp": {"post": _op(
+        "Send a one-time code by SMS", {202: _obj(["sent", "expires_in"])},
+        (413, 415, 422, 429), body=_obj(["phone"], phone=_PHONE))},
+    "/v1/sessions": {"post": _op(
+        "Sign in or register with a one-time code", {200: _ref("Account"),
+                                                     201: _ref("Account")},
+        (401, 409, 413, 415, 422, 429),
+        body=_obj(["phone", "code"], phone=_PHONE,
+                  code={"type": "string", "pattern": "^[0-9]{6}$"}, real_name=_NAME,
+                  id_number=_RESIDENT_ID))},
+    "/v1/persons": {
+        "get": _op("The account's persons", {200: {"type": "array",
+                                                   "items": _ref("Person")}},
+                   auth="resident"),
+        "post": _op("Add a family member", {201: _obj(["person", "persons", "token"])},
+                    (409, 413, 415, 422), auth="resident",
+                    body=_obj(["real_name", "id_number"], real_name=_NAME,
+                              id_number=_RESIDENT_ID)),
+    },
+    "/v1/persons/{person_id}": {"delete": _op(
+        "Remove a family member", {200: _obj(["persons", "token"])}, (404, 409),
+        auth="resident", params=("person_id",))},
+    "/v1/bookings": {"get": _op("The account's bookings",
+                                {200: {"type": "array", "items": _ref("Booking")}},
+                                _LIMITED, auth="resident")},
+    "/v1/bookings/{code}": {"get": _op("One of the account's bookings",
+                                       {200: _ref("Booking")}, _BOOKING_ERRORS,
+                                       auth="resident", params=("code",))},
+    "/v1/bookings/{code}/cancel": {"post": _op(
+        "Cancel a booking", {200: _ref("Booking")}, (*_BOOKING_ERRORS, 409),
+        auth="resident", params=("code",))},
+    "/v1/bookings/{code}/resend-sms": {"post": _op(
+        "Send the booking's SMS again", {202: _obj(["code", "resent"])},
+        (*_BOOKING_ERRORS, 409), auth="resident", params=("code",))},
+    "/v1/admin/releases": {"post": _op(
+        "Create a release and preheat its stock", {201: _ref("Release")},
+        (409, 413, 415, 422), auth="admin", body=_ref("ReleaseDefinition"))},
+    "/v1/admin/releases/{release_id}": {"get": _op(
+        "A release with per-slot capacity, remaining, claimed, cancelled",
+        {200: _ref("Release")}, (404,), auth="admin", params=("release_id",))},
+    **{f"/v1/admin/releases/{{release_id}}/{action}": {"post": _op(
+        f"{action.capitalize()} the release", {200: _ref("Release")}, (404,), auth="admin",
+        params=("release_id",))} for action in ("pause", "resume", "close")},
+    "/v1/admin/bookings/{code}/check-in": {"post": _op(
+        "Mark a booking attended", {200: _ref("Booking")}, (404, 409), auth="admin",
+        params=("code",))},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "release-service", "version": "1",
+             "description": "Slot releases for vaccine appointments. Errors are RFC 9457 "
+                            "problem documents with a stable `code`."},
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "resident": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "admin": {"type": "http", "scheme": "bearer"},
+        },
+    },
+}
+
+_ENCODED = orjson.dumps(DOCUMENT)
+
+
+async def document(request: web.Request) -> web.Response:
+    return web.Response(body=_ENCODED, content_type=JSON)
