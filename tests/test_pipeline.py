@@ -51,8 +51,15 @@ class Pipeline:
             process.start()
 
     def stop(self) -> None:
+        """Stop every process, even when one of them will not stop (then raise)."""
+        failures = []
         for process in self.processes.values():
-            process.stop()
+            try:
+                process.stop()
+            except Exception as exc:  # reported once the others are stopped
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def sms_lines(self) -> list[dict]:
         if not self.sink.exists():

@@ -1,0 +1,328 @@
+"""Chaos runs: faults injected during a release spike, then the promises counted.
+
+    python loadtest/chaos.py [--scenarios all|NAME,...] [--residents 3000] [--stock 600]
+                             [--appendfsync everysec|always] [--json chaos.json]
+
+Starts its own stack (Redis with an append-only file, the broker, PostgreSQL) in a
+scratch folder, a gateway with two processes, the relay and both consumers. For each
+scenario it creates a release, lets every resident claim at once (each with its own
+Idempotency-Key, retrying connection failures and 503s as a phone app would), injects
+the scenario's faults a moment into the spike, starts again whatever was killed, and
+waits until the pipeline has caught up. Then it counts, per scenario:
+
+  acknowledged  claims answered 201
+  persisted     booking rows of the release
+  sms           confirmation SMS sent
+  oversold      rows beyond the stock (must be 0)
+  duplicated    codes or persons booked twice (must be 0)
+  lost          acknowledged claims without a booking row (must be 0)
+  recover_s     seconds from the last restart until every acknowledged claim is
+                persisted and has its SMS
+
+Traffic goes to 127.0.0.1 only; every run is bounded in time and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+from bench import children_of, free_port, stop_process, wait_http
+from tqdm import tqdm
+
+from release_service.seed import seed_users
+from release_service.settings import Settings, load_settings, write_settings_file
+from release_service.stack import Stack
+
+BIN = Path(sys.executable).parent / "release-service"
+SETTLE_SECONDS = 120.0
+ROLES = ("relay", "bookings", "sms")
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    injected: str
+    residents: int
+    stock: int
+    acknowledged: int
+    persisted: int
+    sms: int
+    oversold: int
+    duplicated: int
+    lost: int
+    recover_s: float
+
+
+class Chaos:
+    """One stack and one set of service processes, shared by the scenarios."""
+
+    def __init__(self, folder: Path, appendfsync: str) -> None:
+        self.folder = folder
+        self.stack = Stack(folder / "stack", appendfsync=appendfsync)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- processes ---------------------------------------------------------------------
+    def setup(self, residents: int) -> None:
+        values = self.stack.up()
+        self.settings: Settings = load_settings(environ={}, **values)
+        self.port = free_port()
+        self.settings_file = self.folder / "chaos.env"
+        write_settings_file(self.settings_file, {
+            **values, "http_port": self.port, "gateway_processes": 2, "log_level": "WARNING",
+            "sms_sink_path": str(self.folder / "sms-sink.jsonl"),
+            "reconcile_grace_seconds": 3.0, "relay_takeover_seconds": 2.0})
+        # Real accounts (the SMS needs their phones), reused by every scenario: the
+        # releases lift the per-person limits.
+        out = self.folder / "residents.jsonl"
+        asyncio.run(seed_users(self.settings, residents, out))
+        self.people = [(row["person_ids"][0], row["token"]) for row in
+                       map(json.loads, out.read_text().splitlines())]
+        for role in ("gateway", *ROLES):
+            self.start(role)
+        wait_http(f"http://127.0.0.1:{self.port}/healthz")
+
+    def start(self, role: str) -> None:
+        argv = {"gateway": ["gateway"], "relay": ["relay"],
+                "bookings": ["consume", "bookings"], "sms": ["consume", "sms"]}[role]
+        log = (self.folder / f"{role}.log").open("ab")
+        self.processes[role] = subprocess.Popen(
+            [str(BIN), *argv], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RELEASE_SERVICE_SETTINGS_FILE": str(self.settings_file)})
+
+    def signal(self, role: str, sig: int) -> None:
+        process = self.processes[role]
+        if process.poll() is None:
+            process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                process.wait()
+
+    def stop(self, role: str) -> None:
+        stop_process(self.processes[role], timeout=20)
+
+    def gateway_child(self) -> int:
+        """One of the gateway's serving processes (not its resource tracker)."""
+        for pid in children_of(self.processes["gateway"].pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"resource_tracker" not in cmdline:
+                return pid
+        raise RuntimeError("the gateway has no serving child")
+
+    def close(self) -> None:
+        for role in list(self.processes):
+            self.stop(role)
+        self.stack.down()
+
+    # -- one scenario ------------------------------------------------------------------
+    async def run(self, name: str, stock: int) -> Outcome:
+        injected, inject, restore = SCENARIOS[name]
+        base = f"http://127.0.0.1:{self.port}"
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=500)) as session:
+            release_id = await self.create_release(session, base, stock)
+            spike = asyncio.gather(*(claim(session, base, release_id, token, person)
+                                     for person, token in self.people))
+            await asyncio.sleep(0.15)  # a moment into the spike
+            inject(self)
+            await asyncio.sleep(1.0)
+            restore(self)
+            restored = time.monotonic()
+            answers = await spike
+        acknowledged = {a["claim_id"]: a["code"] for a in answers if a is not None}
+        return await self.count(name, injected, release_id, len(self.people), stock,
+                                acknowledged, restored)
+
+    async def create_release(self, session: aiohttp.ClientSession, base: str,
+                             stock: int) -> str:
+        release_id = f"chaos-{secrets.token_hex(4)}"
+        day = datetime.now(UTC) + timedelta(days=10)
+        slots = [{"slot_id": f"s{i}", "starts_at": day.replace(hour=1 + i).isoformat(),
+                  "ends_at": day.replace(hour=2 + i).isoformat(), "capacity": part}
+                 for i, part in enumerate((stock // 2, stock - stock // 2))]
+        now = datetime.now(UTC)
+        definition = {"release_id": release_id, "vaccine": "HPV9", "dose": 1,
+                      "clinic_id": "chaos-01", "department": "vaccination",
+                      "opens_at": (now - timedelta(minutes=1)).isoformat(),
+                      "closes_at": (now + timedelta(hours=1)).isoformat(), "slots": slots,
+                      "limits": {"same_day_clinic": -1, "per_day": -1, "per_7_days": -1,
+                                 "per_3_months": -1}}
+        async with session.post(f"{base}/v1/admin/releases", json=definition, headers={
+                "Authorization": f"Bearer {self.settings.admin_token}"}) as response:
+            if response.status != 201:
+                raise RuntimeError(f"release not created: {await response.text()}")
+        return release_id
+
+    async def count(self, name: str, injected: str, release_id: str, residents: int,
+                    stock: int, acknowledged: dict[str, str], restored: float) -> Outcome:
+        db = await asyncpg.connect(self.settings.database_url)
+        try:
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while True:
+                rows = await db.fetch("SELECT claim_id, code, person_id FROM bookings "
+                                      "WHERE release_id = $1", release_id)
+                sent = await db.fetchval(
+                    "SELECT count(*) FROM sms_messages m JOIN bookings b USING (claim_id) "
+                    "WHERE b.release_id = $1 AND m.kind = 'confirmation' "
+                    "AND m.status = 'sent'", release_id)
+                persisted = {r["claim_id"] for r in rows}
+                if (set(acknowledged) <= persisted and sent >= len(rows)) or \
+                        time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            await db.close()
+        recover = time.monotonic() - restored
+        duplicated = (len(rows) - len({r["code"] for r in rows})) + \
+            (len(rows) - len({r["person_id"] for r in rows}))
+        return Outcome(name, injected, residents, stock, len(acknowledged), len(rows),
+                       sent, max(0, len(rows) - stock), duplicated,
+                       len(set(acknowledged) - persisted), round(recover, 1))
+
+
+async def claim(session: aiohttp.ClientSession, base: str, release_id: str, token: str,
+                person: str) -> dict[str, str] | None:
+    """A resident's app: one Idempotency-Key, retried on connection failures and 503."""
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": secrets.token_hex(8)}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            async with session.post(f"{base}/v1/releases/{release_id}/claims",
+                                    json={"person_id": person}, headers=headers) as response:
+                if response.status == 201:
+                    body = await response.json()
+                    return {"claim_id": body["claim_id"], "code": body["code"]}
+                if response.status not in (503, 429):
+                    return None  # sold out, or refused for good
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        await asyncio.sleep(0.2)
+    return None
+
+
+def _kill(*roles: str) -> Callable[[Chaos], None]:
+    def inject(chaos: Chaos) -> None:
+        for role in roles:
+            if role == "gateway-child":
+                os.kill(chaos.gateway_child(), signal.SIGKILL)
+            elif role in ("redis", "kafka"):
+                chaos.stack.stop(role, signal.SIGKILL)
+            else:
+                chaos.signal(role, signal.SIGKILL)
+    return inject
+
+
+def _restart(*roles: str) -> Callable[[Chaos], None]:
+    def restore(chaos: Chaos) -> None:
+        for role in roles:
+            if role in ("redis", "kafka"):
+                chaos.stack.start(role)  # Redis from its append-only file
+                if role == "kafka":
+                    chaos.stack.up()  # the topics again: the broker keeps no data
+            elif role == "gateway-child":
+                chaos.stop("gateway")  # its other process served meanwhile
+                chaos.start("gateway")
+                wait_http(f"http://127.0.0.1:{chaos.port}/healthz")
+            else:
+                chaos.start(role)
+    return restore
+
+
+def _stall(role: str) -> tuple[Callable[[Chaos], None], Callable[[Chaos], None]]:
+    return (lambda chaos: chaos.signal(role, signal.SIGSTOP),
+            lambda chaos: chaos.signal(role, signal.SIGCONT))
+
+
+SCENARIOS: dict[str, tuple[str, Callable[[Chaos], None], Callable[[Chaos], None]]] = {
+    "gateway": ("SIGKILL one of two gateway processes", _kill("gateway-child"),
+                _restart("gateway-child")),
+    "relay": ("SIGKILL the relay", _kill("relay"), _restart("relay")),
+    "bookings": ("SIGKILL the bookings consumer", _kill("bookings"), _restart("bookings")),
+    "sms": ("SIGKILL the SMS consumer", _kill("sms"), _restart("sms")),
+    "broker": ("SIGKILL the broker (memory only: topics and offsets gone)", _kill("kafka"),
+               _restart("kafka")),
+    "redis": ("SIGKILL Redis, restart from its AOF", _kill("redis"), _restart("redis")),
+    "stall": ("SIGSTOP the relay for 1 s, then SIGCONT", *_stall("relay")),
+    "relay+bookings+redis": ("SIGKILL relay, bookings consumer and Redis at once",
+                             _kill("relay", "bookings", "redis"),
+                             _restart("redis", "relay", "bookings")),
+    "broker+sms+gateway": ("SIGKILL broker, SMS consumer and a gateway process at once",
+                           _kill("kafka", "sms", "gateway-child"),
+                           _restart("kafka", "sms", "gateway-child")),
+}
+
+
+def table(outcomes: list[Outcome]) -> str:
+    head = (f"{'scenario':<22}{'acked':>7}{'persisted':>10}{'sms':>6}{'oversold':>9}"
+            f"{'dup':>5}{'lost':>6}{'recover_s':>10}")
+    lines = [head, "-" * len(head)]
+    for o in outcomes:
+        lines.append(f"{o.scenario:<22}{o.acknowledged:>7}{o.persisted:>10}{o.sms:>6}"
+                     f"{o.oversold:>9}{o.duplicated:>5}{o.lost:>6}{o.recover_s:>10.1f}")
+    return "\n".join(lines)
+
+
+def run(names: list[str], residents: int, stock: int, appendfsync: str,
+        keep: bool = False) -> list[Outcome]:
+    folder = Path(tempfile.mkdtemp(prefix="release-chaos-"))
+    folder.chmod(0o755)  # PostgreSQL runs as another user when we are root
+    chaos = Chaos(folder, appendfsync)
+    try:
+        chaos.setup(residents)
+        outcomes = []
+        for name in tqdm(names, desc="chaos scenarios", unit="scenario", file=sys.stderr):
+            outcomes.append(asyncio.run(chaos.run(name, stock)))
+        return outcomes
+    finally:
+        chaos.close()
+        if keep:
+            print(f"logs kept in {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Inject faults (SIGKILL, SIGSTOP, broker and Redis restarts) during a "
+                    "release spike on a scratch stack and count what was acknowledged, "
+                    "persisted, sent, oversold, duplicated and lost.")
+    parser.add_argument("--scenarios", default="all",
+                        help=f"comma-separated, or all: {', '.join(SCENARIOS)}")
+    parser.add_argument("--residents", type=int, default=3000, help="claimants per scenario")
+    parser.add_argument("--stock", type=int, default=600, help="slots per release")
+    parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
+                        help="Redis AOF fsync policy for the run")
+    parser.add_argument("--json", type=Path, help="also write the outcomes here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scratch folder (the processes' logs) afterwards")
+    args = parser.parse_args()
+    names = list(SCENARIOS) if args.scenarios == "all" else args.scenarios.split(",")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(unknown)}")
+    outcomes = run(names, args.residents, args.stock, args.appendfsync, args.keep)
+    print(table(outcomes))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
+    broken = [o.scenario for o in outcomes if o.oversold or o.duplicated or o.lost]
+    if broken:
+        print(f"PROMISES BROKEN in: {', '.join(broken)}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
