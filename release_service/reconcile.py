@@ -8,6 +8,10 @@
   period has its claim event published again: the SMS consumer sends what is missing.
 - With `full`, every claim in Redis is checked for a booking, also those no longer in the
   outbox.
+- After Redis restarted (its run id changed) and with `full`, every confirmed booking is
+  checked for its claim in Redis: Redis restarted from an AOF without its last writes (an
+  OS crash under appendfsync everysec) has lost them, and a booked claim that is not
+  written back would have its slot sold again and its code issued again.
 
 Everything it does is idempotent, so it is safe from several processes at once and a
 no-op when all is well.
@@ -20,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from typing import Any
@@ -37,12 +42,16 @@ from .db import connect_pool
 from .kafka import kafka_producer
 from .redis_client import AnyRedis, redis_from_url
 from .relay import OutboxEntry, active_release_ids, parse_entry, publish
+from .restore_script import RestoreScript
 from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 PAGE = 1000
 INTERVAL_SECONDS = 5.0
+# How often the relay's timer asks Redis whether it restarted: lost claims are written
+# back before the gateways can sell their slots again for long.
+RESTART_POLL_SECONDS = 0.25
 SMS_KIND_CONFIRMATION = "confirmation"
 
 
@@ -55,6 +64,9 @@ class ReconcileReport:
     missing_sms: int = 0
     missing_bookings: int = 0
     stale_reservations: int = 0
+    restored: int = 0  # booked claims Redis had lost, written back
+    restored_over_capacity: int = 0  # of those, slots sold again before the repair
+    restored_person_twice: int = 0  # of those, persons who claimed again before it
 
     def add(self, other: ReconcileReport) -> None:
         for f in fields(self):
@@ -62,7 +74,7 @@ class ReconcileReport:
 
     @property
     def repaired(self) -> int:
-        return self.republished
+        return self.republished + self.restored
 
     def lines(self) -> list[str]:
         return [f"{name.replace('_', ' ')}: {value}" for name, value in asdict(self).items()]
@@ -110,6 +122,16 @@ class Reconciler:
         self._grace = settings.reconcile_grace_seconds if grace_seconds is None else grace_seconds
         # What this process republished and when: once per grace period, not every pass.
         self._republished_at: dict[str, float] = {}
+        self._restore = RestoreScript(redis, settings.code_secret)
+        # Run ids of the Redis servers at the last finished pass; None: none yet.
+        self._run_ids: frozenset[str] | None = None
+
+    async def _server_run_ids(self) -> frozenset[str]:
+        return frozenset(_run_ids(await self._redis.info("server")))
+
+    async def redis_restarted(self) -> bool:
+        """A Redis server restarted (or this is the first pass): it may lack writes."""
+        return await self._server_run_ids() != self._run_ids
 
     def _due(self, key: str) -> bool:
         now = time.monotonic()
@@ -120,9 +142,14 @@ class Reconciler:
 
     async def run_once(self, *, full: bool = False, progress: bool = False) -> ReconcileReport:
         report = ReconcileReport()
+        run_ids = await self._server_run_ids()
+        restore = full or run_ids != self._run_ids
         release_ids = await active_release_ids(self._redis)
         for rid in tqdm(release_ids, desc="reconcile", unit="release", disable=not progress):
+            if restore:  # first: the outbox checks below read the claims it writes back
+                report.add(await self._restore_lost_claims(rid))
             report.add(await self._release(rid, full))
+        self._run_ids = run_ids  # only once the pass finished: a failed one is repeated
         report.releases = len(release_ids)
         report.add(await self._missing_sms())
         if full:
@@ -163,6 +190,40 @@ class Reconciler:
             start = "(" + page[-1][0].decode()
         if full:
             report.add(await self._claims_without_bookings(rid, in_outbox))
+        return report
+
+    async def _restore_lost_claims(self, rid: str) -> ReconcileReport:
+        """Write back the claims of confirmed bookings that Redis no longer holds, with
+        their holders, codes and per-person reservations."""
+        report = ReconcileReport()
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT b.*, r.clinic_id, r.department FROM bookings b "
+                "JOIN releases r USING (release_id) "
+                "WHERE b.release_id = $1 AND b.status = 'confirmed'", rid)
+        for start in range(0, len(rows), PAGE):
+            page = rows[start:start + PAGE]
+            found = await self._redis.hmget(keys.claims_key(rid), [r["claim_id"] for r in page])
+            lost = [r for r, raw in zip(page, found, strict=True) if raw is None]
+            if not lost:
+                continue
+            counts = Counter(await self._restore(rid, [claim_event(r) for r in lost]))
+            restored = len(lost) - counts["present"]
+            report.restored += restored
+            report.restored_over_capacity += counts["over_capacity"]
+            report.restored_person_twice += counts["person_twice"]
+            days = await self._redis.hmget(keys.slot_day_key(rid), [r["slot_id"] for r in lost])
+            pipe = self._redis.pipeline(transaction=False)
+            for r, day in zip(lost, days, strict=True):
+                claimed_ms = int(r["claimed_at"].timestamp() * 1000)
+                pipe.hsetnx(keys.person_active_key(r["person_id"]), r["claim_id"],
+                            f"{rid}|{(day or b'').decode()}|{r['clinic_id']}|"
+                            f"{r['department']}|{claimed_ms}")
+            await pipe.execute()
+            if restored:
+                log.warning("release %s: %d booked claims missing from Redis written back "
+                            "(%d over capacity, %d persons twice)", rid, restored,
+                            counts["over_capacity"], counts["person_twice"])
         return report
 
     async def _stale_reservations(self, progress: bool) -> int:
@@ -245,6 +306,17 @@ class Reconciler:
         return sum(sent)
 
 
+def _run_ids(info: Any) -> Iterator[str]:
+    """The run_id of every server in an INFO reply (one server, or one dict per Cluster
+    node)."""
+    if isinstance(info, dict):
+        for name, value in info.items():
+            if name == "run_id":
+                yield str(value)
+            else:
+                yield from _run_ids(value)
+
+
 def _entry(release_id: str, event: bytes) -> OutboxEntry:
     claim = orjson.loads(event)
     return OutboxEntry(release_id, f"{claim['claimed_at_ms']}-0", "claim.confirmed", event,
@@ -260,16 +332,21 @@ async def reconcile_forever(settings: Settings, redis: AnyRedis,
     """The relay's timer: a pass every few seconds; failures are logged and retried."""
     pool = await connect_pool(settings, max_size=2)
     reconciler = Reconciler(settings, redis, pool, producer)
+    next_pass = time.monotonic() + INTERVAL_SECONDS
     try:
         while True:
-            await asyncio.sleep(INTERVAL_SECONDS)
+            await asyncio.sleep(RESTART_POLL_SECONDS)
             try:
+                # A restarted Redis is repaired at once; otherwise a pass on the timer.
+                if time.monotonic() < next_pass and not await reconciler.redis_restarted():
+                    continue
+                next_pass = time.monotonic() + INTERVAL_SECONDS
                 report = await reconciler.run_once()
             except (RedisError, OSError, KafkaError, asyncpg.PostgresError) as exc:
                 log.warning("reconcile pass failed: %s", exc)
                 continue
-            if report.republished:
-                log.info("reconcile republished %d events (%s)", report.republished,
+            if report.repaired:
+                log.info("reconcile repaired %d (%s)", report.repaired,
                          ", ".join(report.lines()))
     finally:
         await pool.close()
@@ -294,6 +371,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     report = asyncio.run(main())
     print("\n".join(report.lines()))
-    print("all consistent" if not report.republished else
-          f"repaired: {report.republished} events published again")
+    print("all consistent" if not report.repaired else
+          f"repaired: {report.republished} events published again, "
+          f"{report.restored} booked claims written back to Redis")
     return 0

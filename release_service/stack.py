@@ -430,6 +430,12 @@ class Stack:
             if not self._wait_exit(pid, timeout):
                 _signal_group(pid, signal.SIGKILL)
                 self._wait_exit(pid, 5.0)
+            # The listening socket can outlive the exit by a moment; a start right after
+            # would take it for a stranger's.
+            port = self._read_ports().get(name)
+            deadline = time.monotonic() + 2.0
+            while port is not None and _port_open(port) and time.monotonic() < deadline:
+                time.sleep(0.02)
         (self.root / f"{name}.pid").unlink(missing_ok=True)
 
     def _pg_ctl_stop(self, pid: int, timeout: float) -> None:
@@ -439,6 +445,16 @@ class Stack:
             capture_output=True, check=False, cwd="/", **_user_kwargs(_pg_user()))
         if result.returncode != 0:  # e.g. postmaster.pid gone: SIGINT is the same fast stop
             _signal_group(pid, signal.SIGINT)
+
+    def redis_aof_tail(self) -> Path:
+        """The AOF file Redis appends to now (the last `incr` file of its manifest).
+        Cutting it back to an earlier size while Redis is stopped is what an OS crash
+        under appendfsync everysec does: the writes not yet fsynced are gone."""
+        folder = self.root / "redis" / "appendonlydir"
+        manifest = next(folder.glob("*.manifest"))
+        increments = [line.split()[1] for line in manifest.read_text().splitlines()
+                      if line.split()[-1:] == ["i"]]
+        return folder / increments[-1]
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
