@@ -11,17 +11,20 @@ KEYS (all under the release's hash tag {R}, so one Redis Cluster slot):
   7 codes     hash  code -> claim_id
   8 idem      hash  "account_id:key" -> claim_id
   9 outbox    stream of events (field e: event JSON)
+  10.. claim rate counters (strings, rel:{R}:rl:claims:<per>:<subject>), each expiring
+       with its window; a claim names the ones it counts against (field 11 below)
 
 ARGV:
   1 release_id
   2..5 code permutation keys (integers below 10^6, from the server's code secret)
   6 n, the number of claims in this batch
-  then one value per claim, 9 fields joined by "\31" (one argument is cheaper to send
-  than nine): claim_id account_id person_id slot_id ("" = any slot)
+  then one value per claim, 11 fields joined by "\31" (one argument is cheaper to send
+  than eleven): claim_id account_id person_id slot_id ("" = any slot)
               idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
               day (YYYYMMDD: any slot on that visit day only; "" = any day)
               mode ("claim", or "replay": only answer an idempotent replay)
               request_id (carried in the claim and its event, for tracing)
+              limits ("key_index,limit,window_ms" entries joined by " "; "" = none)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -31,12 +34,16 @@ Reply: a flat array, two values per claim, in order:
   "sold_out", next_wave_ms or ""   (next wave: stock is left but not yet released)
   "unknown_slot", "" | "not_eligible", reason | "codes_exhausted", ""
   "no_replay", ""           mode "replay" and the key was not seen: nothing done
+  "rate_limited", "wait_ms,i"  the claim's i-th limit is spent for wait_ms more ms
 
 Guarantees: every check runs before the first write of a claim (Redis does not roll back
 a script that fails half-way); a slot's taken count never exceeds its released share of
 capacity; a person holds at most one active claim per release; every write of a claim
 (stock, holder, claim, code, idempotency key, outbox event) happens together or not at
-all. The clock is Redis TIME: one clock for every gateway. Cost per claim is O(1) except
+all. Rate counters are not part of a claim: every claim attempt that is not a replay
+spends them (a refused attempt too, as lua/rate_limit.lua), before any other check;
+counting them here, on the release's slot, costs the claim no extra round trip. The clock
+is Redis TIME: one clock for every gateway. Cost per claim is O(1) except
 the any-slot search, which is O(slots of the release).
 ]]
 
@@ -107,14 +114,34 @@ local function code_for(seq)
   return string.format('%08d', hi * 10000 + lo)
 end
 
+-- Fixed-window counters, as lua/rate_limit.lua: spend every one, then refuse with the
+-- wait of the first that is over its limit.
+local function over_limit(spec)
+  local refused, i = nil, 0
+  for index, limit, window in string.gmatch(spec, '(%d+),(%d+),(%d+)') do
+    i = i + 1
+    local key = KEYS[tonumber(index)]
+    local count = redis.call('INCR', key)
+    if count == 1 then redis.call('PEXPIRE', key, window) end
+    if count > tonumber(limit) and not refused then
+      local wait = redis.call('PTTL', key)
+      if wait < 0 then redis.call('PEXPIRE', key, window); wait = tonumber(window) end
+      refused = wait .. ',' .. i
+    end
+  end
+  return refused
+end
+
 local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
-                         request_id)
+                         request_id, limits)
   local idem_field = account_id .. ':' .. ikey
   if ikey ~= '' then
     local earlier = redis.call('HGET', idem, idem_field)
     if earlier then return 'replay', redis.call('HGET', claims, earlier) end
   end
   if mode == 'replay' then return 'no_replay', '' end
+  local refused = over_limit(limits)
+  if refused then return 'rate_limited', refused end
   if window ~= 'open' then return window, window_arg end
   local held = redis.call('HGET', holders, person_id)
   if held then return 'already_claimed', redis.call('HGET', claims, held) end
@@ -175,7 +202,7 @@ end
 for i = 0, n - 1 do
   local f = fields(ARGV[7 + i])
   local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
-    f[10] or '')
+    f[10] or '', f[11] or '')
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

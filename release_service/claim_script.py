@@ -18,6 +18,15 @@ from .redis_client import AnyRedis
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimLimit:
+    """A rate counter the claim spends, on the release's slot (keys.claim_rate_key)."""
+    key: str
+    limit: int
+    window_ms: int
+    name: str  # for the 429: e.g. "claims per account"
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimRequest:
     claim_id: str
     account_id: str
@@ -29,6 +38,7 @@ class ClaimRequest:
     day: str = ""  # YYYYMMDD: with slot_id "", any slot on that visit day only
     replay_only: bool = False  # only answer an idempotent replay; never take stock
     request_id: str = ""  # carried into the claim and its event, for tracing
+    limits: tuple[ClaimLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +74,21 @@ class ClaimScript:
         self, release_id: str, requests: Sequence[ClaimRequest]
     ) -> list[ClaimOutcome]:
         argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
+        script_keys = release_keys(release_id)
+        key_index: dict[str, int] = {}  # a counter shared by claims of the batch: one key
         for r in requests:
+            spec = []
+            for lim in r.limits:
+                index = key_index.get(lim.key)
+                if index is None:
+                    script_keys.append(lim.key)
+                    index = key_index[lim.key] = len(script_keys)
+                spec.append(f"{index},{lim.limit},{lim.window_ms}")
             argv.append(SEPARATOR.join((
                 r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
                 str(r.birth), r.sex, r.day, "replay" if r.replay_only else "claim",
-                r.request_id)))
-        reply = await self._script(keys=release_keys(release_id), args=argv)
+                r.request_id, " ".join(spec))))
+        reply = await self._script(keys=script_keys, args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):
             status = _text(reply[i])

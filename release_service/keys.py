@@ -73,6 +73,12 @@ def cancelled_key(release_id: str) -> str:
     return _rel(release_id, "cancelled")
 
 
+def claim_rate_key(release_id: str, per: str, subject: str) -> str:
+    """String: claims of one account or client address in this release in the current
+    window (lua/claim.lua counts them). Expires with its window."""
+    return _rel(release_id, f"rl:claims:{per}:{subject}")
+
+
 # Person keys: hash tag {person_id}, the person's own Cluster slot (limits across releases).
 
 

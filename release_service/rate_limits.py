@@ -3,7 +3,11 @@
 A rule limits one kind of request (claims, lookups, lookup misses, one-time codes) per
 subject (an account, a client address, a phone). The counters of a request are checked
 in one script call per Cluster slot, and the calls of one event-loop tick share a batch,
-so a limit costs the hot path one pipelined round trip rather than one per rule.
+so a limit costs one pipelined round trip rather than one per rule.
+
+Claims are counted by the claim script itself, on the release's slot (per account and per
+address in that release): the hot path pays no round trip for its limits. A process that
+saw a subject refused answers its next claims at once until the window ends.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ from dataclasses import dataclass
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from . import errors
+from . import errors, keys
+from .claim_script import ClaimLimit
 from .lua import lua_source
 from .redis_client import AnyRedis
 from .settings import Settings
 from .tick_batcher import TickBatcher
+
+# Spent claim counters a process remembers at most (a flood of distinct subjects must not
+# grow memory; past it, refusals are simply answered by the script).
+MAX_REMEMBERED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,8 @@ class RateLimits:
         self._batcher: TickBatcher[Check, int] = TickBatcher("rate_limit", self._run)
         self._exempt = {a.strip() for a in settings.rate_limit_exempt_addresses.split(",")
                         if a.strip()}
+        # Claim counter key -> loop time its window ends, for counters seen over the limit.
+        self._spent_until: dict[str, float] = {}
 
     async def check(self, *checks: Check, message: str = "too many requests") -> None:
         """Count every check; raise RateLimited (429, Retry-After) if any is over."""
@@ -78,9 +89,40 @@ class RateLimits:
         wait_ms = max(waits)
         if wait_ms > 0:
             refused = next(c.rule for c, w in zip(counted, waits, strict=True) if w == wait_ms)
-            raise errors.RateLimited(f"{message}; try again later",
-                                     retry_after=max(1, math.ceil(wait_ms / 1000)),
-                                     limit=f"{refused.name} per {refused.per}")
+            raise rate_limited(message, wait_ms, f"{refused.name} per {refused.per}")
+
+    def claim_limits(self, release_id: str, account_id: str, address: str
+                     ) -> tuple[ClaimLimit, ...]:
+        """The counters a claim spends in the claim script."""
+        made = []
+        for per, subject in (("account", account_id), ("address", address)):
+            rule = self.rules[f"claims/{per}"]
+            if rule.limit > 0 and not (per == "address" and subject in self._exempt):
+                made.append(ClaimLimit(keys.claim_rate_key(release_id, per, subject),
+                                       rule.limit, rule.window_seconds * 1000,
+                                       f"claims per {per}"))
+        return tuple(made)
+
+    def spent(self, limits: Sequence[ClaimLimit]) -> errors.ServiceError | None:
+        """The 429 if this process already saw one of these counters spent, else None."""
+        now = asyncio.get_running_loop().time()
+        for lim in limits:
+            until = self._spent_until.get(lim.key, 0.0)
+            if until > now:
+                return rate_limited("too many claims", (until - now) * 1000, lim.name)
+        return None
+
+    def claim_refused(self, limits: Sequence[ClaimLimit], detail: str) -> errors.ServiceError:
+        """The 429 for the script's "rate_limited" reply ("wait_ms,i"); remembers the spent
+        counter so that the subject's next claims here cost no Redis call."""
+        wait_ms, position = (int(part) for part in detail.split(","))
+        spent = limits[position - 1]
+        now = asyncio.get_running_loop().time()
+        if len(self._spent_until) >= MAX_REMEMBERED:
+            self._spent_until = {k: t for k, t in self._spent_until.items() if t > now}
+        if len(self._spent_until) < MAX_REMEMBERED:
+            self._spent_until[spent.key] = now + wait_ms / 1000
+        return rate_limited("too many claims", wait_ms, spent.name)
 
     def of(self, name: str, per: str, subject: str, cost: int = 1) -> Check:
         return Check(self.rules[f"{name}/{per}"], subject, cost)
@@ -108,6 +150,12 @@ class RateLimits:
             for position, index in enumerate(members):
                 waits[index] = int(reply[position])
         return waits
+
+
+def rate_limited(message: str, wait_ms: float, limit: str) -> errors.ServiceError:
+    """The 429: Retry-After in whole seconds (at least 1), and the limit's name."""
+    return errors.RateLimited(f"{message}; try again later",
+                              retry_after=max(1, math.ceil(wait_ms / 1000)), limit=limit)
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: frozenset[str]

@@ -64,43 +64,59 @@ async def gateways(stack_settings, tmp_path) -> AsyncIterator[list[Api]]:
                 process.stop()
 
 
-async def claim_from(api: Api, release_id: str, who: Resident, address: str):
+async def claim_from(api: Api, release_id: str, who: Resident, address: str,
+                     key: str | None = None):
+    headers = {**who.headers, "X-Forwarded-For": address}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     return await api.call("POST", f"/v1/releases/{release_id}/claims",
-                          json={"person_id": who.person_id},
-                          headers={**who.headers, "X-Forwarded-For": address})
+                          json={"person_id": who.person_id}, headers=headers)
 
 
-def limited(results) -> int:
+def limited(results, name: str) -> int:
     for status, headers, body in results:
         if status == 429:
-            assert body["code"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+            assert body["code"] == "rate_limited" and body["limit"] == name, body
+            assert 1 <= int(headers["Retry-After"]) <= 60
     return sum(status == 429 for status, _, _ in results)
 
 
 async def test_claims_per_account_across_processes(gateways, stack_settings):
-    release = await gateways[0].create_release(release_definition([100]))
-    one = residents(stack_settings, 1)[0]
-    # One account, twelve claims alternating between the processes, each from its own
-    # address: five pass the limiter (one wins, the rest already hold it), seven are 429.
+    release = (await gateways[0].create_release(release_definition([1])))["release_id"]
+    first, bot = residents(stack_settings, 2)
+    assert (await claim_from(gateways[0], release, first, next(_addresses)))[0] == 201
+    # A bot keeps claiming the sold-out release, each time with a new Idempotency-Key (so
+    # no gateway may answer from its local view) and from a new address, alternating
+    # between the processes: five attempts reach the stock, seven are refused.
     results = await asyncio.gather(*(
-        claim_from(gateways[i % 2], release["release_id"], one, next(_addresses))
+        claim_from(gateways[i % 2], release, bot, next(_addresses), key=f"k{i}")
         for i in range(12)))
-    assert limited(results) == 7
-    assert Counter(s for s, _, _ in results if s != 429) == {201: 1, 409: 4}
+    assert limited(results, "claims per account") == 7
+    assert Counter(s for s, _, _ in results if s != 429) == {409: 5}
+    # Still refused, by either process, whether or not it has seen the refusal itself.
+    for api in gateways:
+        status, _, body = await claim_from(api, release, bot, next(_addresses), key="again")
+        assert status == 429 and body["limit"] == "claims per account"
+    # Claims are counted per release: the same account claims elsewhere.
+    other = (await gateways[0].create_release(release_definition([1])))["release_id"]
+    assert (await claim_from(gateways[1], other, bot, next(_addresses)))[0] == 201
 
 
 async def test_claims_per_address_across_processes(gateways, stack_settings):
-    release = await gateways[0].create_release(release_definition([100]))
+    release = (await gateways[0].create_release(release_definition([100])))["release_id"]
     crowd = residents(stack_settings, 12)
     address = next(_addresses)
     results = await asyncio.gather(*(
-        claim_from(gateways[i % 2], release["release_id"], who, address)
-        for i, who in enumerate(crowd)))
-    assert limited(results) == 4 and sum(s == 201 for s, _, _ in results) == 8
-    # Another address is not affected.
-    other = residents(stack_settings, 1)[0]
-    status, _, _ = await claim_from(gateways[1], release["release_id"], other, next(_addresses))
-    assert status == 201
+        claim_from(gateways[i % 2], release, who, address) for i, who in enumerate(crowd)))
+    assert limited(results, "claims per address") == 4
+    assert sum(s == 201 for s, _, _ in results) == 8
+    # The refused kept no hold on anything (their per-person reservation was given back):
+    # from another address each of them wins.
+    refused = [who for who, (s, _, _) in zip(crowd, results, strict=True) if s == 429]
+    again = await asyncio.gather(*(claim_from(gateways[i % 2], release, who, next(_addresses))
+                                   for i, who in enumerate(refused)))
+    assert [s for s, _, _ in again] == [201] * 4
+    assert (await gateways[1].admin_release(release))["claimed"] == 12
 
 
 async def test_lookup_misses_spend_a_small_budget_that_blocks_every_lookup(
