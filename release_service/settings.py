@@ -101,12 +101,26 @@ class Settings:
         return ZoneInfo(self.timezone)
 
     def public_dict(self) -> dict[str, Any]:
-        """Every setting except the secrets, for `--show-settings` and start-up logs."""
+        """Every setting except the secrets (and a URL's password), for `--show-settings`
+        and start-up logs."""
         return {
-            f.name: getattr(self, f.name)
+            f.name: _without_password(getattr(self, f.name)) if f.name.endswith("_url")
+            else getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.repr
         }
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
+        return f"Settings({shown})"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+                          ).geturl()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

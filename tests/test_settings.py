@@ -56,11 +56,15 @@ def test_values_are_typed():
 
 def test_secrets_are_not_in_repr_nor_in_the_public_view(tmp_path):
     settings = load_settings({}, admin_token="adm-s3cret", token_secret="tok-s3cret",
-                             code_secret="code-s3cret", sms_provider_key="sms-s3cret")
+                             code_secret="code-s3cret", sms_provider_key="sms-s3cret",
+                             database_url="postgresql://release:db-s3cret@db:5432/release",
+                             redis_url="redis://:redis-s3cret@cache:6379/0")
     shown = repr(settings) + repr(settings.public_dict())
-    for secret in ("adm-s3cret", "tok-s3cret", "code-s3cret", "sms-s3cret"):
+    for secret in ("adm-s3cret", "tok-s3cret", "code-s3cret", "sms-s3cret", "db-s3cret",
+                   "redis-s3cret"):
         assert secret not in shown
     assert "admin_token" not in settings.public_dict()
+    assert settings.public_dict()["database_url"] == "postgresql://release:***@db:5432/release"
     assert settings.public_dict()["http_port"] == 8080
 
 
