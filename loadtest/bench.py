@@ -170,9 +170,10 @@ class Bench:
         values = self.stack.up()
         self.settings: Settings = load_settings(environ={}, **values)
         self.settings_file = self.folder / "bench.env"
-        write_settings_file(self.settings_file, {
+        self.gateway_values = {
             **values, "http_port": free_port(), "gateway_processes": self.args.processes,
-            "log_level": "WARNING", "reconcile_grace_seconds": 3600})
+            "log_level": "WARNING", "reconcile_grace_seconds": 3600}
+        write_settings_file(self.settings_file, self.gateway_values)
         self.env = {"RELEASE_SERVICE_SETTINGS_FILE": str(self.settings_file)}
         self.port = int(load_settings({"RELEASE_SERVICE_SETTINGS_FILE":
                                        str(self.settings_file)}).http_port)
@@ -240,10 +241,41 @@ class Bench:
         self.report.rows.append(row)
         return row
 
+    def restart_gateway(self, **changes: object) -> None:
+        self.stop(self.gateway)
+        self.gateway_values.update(changes)
+        write_settings_file(self.settings_file, self.gateway_values)
+        self.gateway = self.start(str(BIN), "gateway", env=self.env)
+        wait_http(self.base + "/healthz")
+
+    def limits_cost(self, win_file: Path) -> Report:
+        """claim_win with both claim counters spent by every claim (none refused: every
+        request is a new account, the address limit is out of reach), then with the claim
+        limits off; new residents for the second (per-person limits span releases)."""
+        files = [win_file, self.residents_file(int(self.args.duration * 12_000) + 10_000,
+                                               "winners-2")]
+        for (name, limit), claims in zip((("claim_win_limited", 10**9),
+                                          ("claim_win_unlimited", 0)), files, strict=True):
+            self.restart_gateway(rate_limit_exempt_addresses="",
+                                 rate_claims_per_address_per_minute=limit,
+                                 rate_claims_per_account_per_minute=limit and 30)
+            release = self.create_release(1_000_000)
+            self.measure(name, self.base, {
+                "CLAIMS_FILE": str(claims), "CLAIM_PATH": f"/v1/releases/{release}/claims"},
+                [self.gateway.pid], "counters on" if limit else "limits off")
+        rows = {r.name: r for r in self.report.rows}
+        on, off = rows["claim_win_limited"], rows["claim_win_unlimited"]
+        self.report.ratios = {"req/s limited / unlimited": on.requests_per_s / off.requests_per_s,
+                              "CPU/req limited / unlimited": (on.cpu_us_per_request or 0)
+                              / (off.cpu_us_per_request or 1)}
+        return self.report
+
     def run(self) -> Report:
         self.setup()
         expected = int(self.args.duration * 12_000) + 10_000
         win_file = self.residents_file(expected, "winners")
+        if self.args.limits_cost:
+            return self.limits_cost(win_file)
         spike_file = self.residents_file(20_000, "spike")
         pids = [self.gateway.pid]
 
@@ -474,6 +506,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--processes", type=int, default=1, help="gateway processes")
+    parser.add_argument("--limits-cost", action="store_true",
+                        help="only claim_win, with the claim rate limits and without")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="folder for bench.json and bench.png")
     args = parser.parse_args()
@@ -487,6 +521,10 @@ def main() -> int:
     finally:
         bench.close()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.limits_cost:
+        (args.out / "limits-cost.json").write_text(json.dumps(asdict(report), indent=2))
+        print(table(report))
+        return 0
     (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
     plot(report, args.out / "bench.png")
     print(table(report))

@@ -105,6 +105,8 @@ class RateLimits:
 
     def spent(self, limits: Sequence[ClaimLimit]) -> errors.ServiceError | None:
         """The 429 if this process already saw one of these counters spent, else None."""
+        if not self._spent_until:
+            return None
         now = asyncio.get_running_loop().time()
         for lim in limits:
             until = self._spent_until.get(lim.key, 0.0)
