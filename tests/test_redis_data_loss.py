@@ -66,7 +66,8 @@ async def test_booked_claims_lost_by_redis_are_written_back_not_sold_again(
         again = await asyncio.gather(*(api.claim(rid, p) for p in [*late, *first[:5]]))
         statuses = Counter(status for status, _, _ in again)
         assert statuses == {409: 35}, statuses
-        assert {body["code"] for _, _, body in again} == {"sold_out", "already_claimed"}
+        # (all "sold_out" once the gateway's view has seen the written-back stock)
+        assert {body["code"] for _, _, body in again} <= {"sold_out", "already_claimed"}
         meta = await redis.hgetall(keys.meta_key(rid))
         assert int(meta[b"left"]) == 0
         taken = await redis.hgetall(keys.taken_key(rid))
