@@ -283,6 +283,16 @@ class Stack:
         words = cmdline.split()
         return pid if program in cmdline and any(m in words for m in marks) else None
 
+    def _started_and_alive(self, name: str) -> int | None:
+        """Like `_running`, but a child this object just started is judged by its process
+        alone: Redis retitles itself while starting, and a command line read at that
+        moment can match neither title."""
+        pid = self.pid(name)
+        if pid is not None and pid in self._children:
+            self._reap()
+            return pid if pid in self._children else None
+        return self._running(name)
+
     def _spawn(self, name: str, argv: list[str], as_user: str | None = None) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         with self.log_file(name).open("ab") as log:
@@ -322,7 +332,7 @@ class Stack:
         port = self._ports()[name]
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            pid = self._running(name)
+            pid = self._started_and_alive(name)
             if pid is None:
                 raise ExitedWhileStarting(
                     f"{name} exited while starting ({self._exit_status(name)}); "
