@@ -55,7 +55,8 @@ async def test_booked_claims_lost_by_redis_are_written_back_not_sold_again(
         assert stack.redis_aof_tail() == aof
         os.truncate(aof, before_claims)
         stack.start("redis")
-        assert await redis.hlen(keys.claims_key(rid)) == 0  # the claims are gone
+        # The claims are gone now, until the relay (which watches Redis's run id) or
+        # reconcile writes them back; that can be quicker than a check here.
 
         async def written_back() -> bool:
             return await redis.hlen(keys.claims_key(rid)) == CAPACITY
