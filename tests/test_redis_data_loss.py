@@ -51,12 +51,14 @@ async def test_booked_claims_lost_by_redis_are_written_back_not_sold_again(
         assert await wait_until(all_booked)
 
         # The OS crash: every write since the release was created never reached the disk.
+        # The relay stays down meanwhile, so that the loss is seen before it is repaired.
+        pipeline.processes["relay"].stop()
         stack.stop("redis", signal.SIGKILL)
         assert stack.redis_aof_tail() == aof
         os.truncate(aof, before_claims)
         stack.start("redis")
-        # The claims are gone now, until the relay (which watches Redis's run id) or
-        # reconcile writes them back; that can be quicker than a check here.
+        assert await redis.hlen(keys.claims_key(rid)) == 0  # the claims are gone
+        pipeline.processes["relay"].start()
 
         async def written_back() -> bool:
             return await redis.hlen(keys.claims_key(rid)) == CAPACITY
