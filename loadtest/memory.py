@@ -59,8 +59,10 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     settings = load_settings(environ={}, **values)
     settings_file = folder / "memory.env"
     port = free_port()
+    # Idle connections are the point here: keep them past the header timeout.
     write_settings_file(settings_file, {**values, "http_port": port, "log_level": "WARNING",
-                                        "reconcile_grace_seconds": 0})
+                                        "reconcile_grace_seconds": 0,
+                                        "header_timeout_seconds": 3600})
     env = {**os.environ, "RELEASE_SERVICE_SETTINGS_FILE": str(settings_file)}
     processes = []
     redis = Redis.from_url(settings.redis_url)

@@ -43,6 +43,8 @@ def _error(name: str, status: int, code: str, title: str) -> type[ServiceError]:
 
 BadRequest = _error("BadRequest", 400, "bad_request", "Malformed request")
 InvalidInput = _error("InvalidInput", 422, "invalid", "Invalid input")
+RequestTimeout = _error("RequestTimeout", 408, "request_timeout",
+                        "The request body arrived too slowly")
 PayloadTooLarge = _error("PayloadTooLarge", 413, "too_large", "Request body too large")
 Unauthorized = _error("Unauthorized", 401, "unauthorized", "Missing or invalid token")
 Forbidden = _error("Forbidden", 403, "forbidden", "Not allowed")

@@ -54,6 +54,17 @@ class Settings:
     timezone: str = "Asia/Shanghai"
     token_ttl_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 16 * 1024
+    # The HTTP parser's bounds: one header line (request line included), and how many
+    # headers; past them 400 or 431 before any handler runs.
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    # A connection must send a whole request head within this many seconds of opening, or
+    # of its previous answer; then it is closed (so idle keep-alive connections too).
+    # Slow clients (slowloris) cannot hold connections or memory for long.
+    header_timeout_seconds: float = 15.0
+    # A request body must arrive within this many seconds: past it 408, so that slow
+    # bodies cannot hold the in-flight slots (max_in_flight) the others need.
+    body_timeout_seconds: float = 10.0
     # Requests a gateway process works on at once; past it: 503 with Retry-After at once
     # (no unbounded queue while a spike is ten times what the process can serve).
     max_in_flight: int = 2000
@@ -193,7 +204,7 @@ def _validate(s: Settings) -> None:
         raise bad("http_port", "expected a TCP port between 1 and 65535")
     for name in ("gateway_processes", "kafka_partitions", "kafka_replication_factor",
                  "database_pool_size", "sms_max_attempts", "token_ttl_seconds",
-                 "max_body_bytes", "max_in_flight"):
+                 "max_body_bytes", "max_in_flight", "max_header_bytes", "max_headers"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive number")
     for name in [f.name for f in dataclasses.fields(s) if f.name.startswith("rate_")
@@ -206,8 +217,10 @@ def _validate(s: Settings) -> None:
                 ipaddress.ip_address(address)
             except ValueError:
                 raise bad(name, "expected comma-separated IP addresses") from None
-    if s.sms_rate_per_second <= 0 or s.release_view_refresh_seconds <= 0:
-        raise bad("sms_rate_per_second", "expected a positive number")
+    for name in ("sms_rate_per_second", "release_view_refresh_seconds",
+                 "header_timeout_seconds", "body_timeout_seconds"):
+        if getattr(s, name) <= 0:
+            raise bad(name, "expected a positive number")
     if s.sms_provider not in {"sink", "http"}:
         raise bad("sms_provider", "expected sink or http")
     if s.sms_provider == "http" and not s.sms_provider_url:

@@ -8,8 +8,10 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
+from processes import ServiceProcess, free_port
 from support import Api, Resident, release_definition, residents
 
 from release_service import keys
@@ -108,7 +110,8 @@ async def test_oversized_bodies_and_headers_are_refused(api, stack_settings):
                                      data=b'{"person_id": "' + b"x" * 200_000 + b'"}')
     assert (status, body["code"]) == (413, "too_large")
     # Refused by the HTTP parser, before any handler (its answer is plain text).
-    for extra in ({"X-Padding": "y" * 20_000}, {f"X-H{i}": "z" for i in range(300)}):
+    for extra in ({"X-Padding": "y" * (stack_settings.max_header_bytes + 1)},
+                  {f"X-H{i}": "z" for i in range(stack_settings.max_headers + 1)}):
         async with api.session.post(api.base_url + path, json={"person_id": person.person_id},
                                     headers={**person.headers, **extra}) as response:
             assert response.status in (400, 431), extra.keys()
@@ -147,3 +150,67 @@ async def test_slow_clients_do_not_hold_up_the_others(api: Api, gateway_url, sta
     finally:
         stop.set()
         await asyncio.gather(*slow)
+
+
+async def trickle(port: int, head: bytes, stop: asyncio.Event) -> tuple[float, bytes | None]:
+    """Sends `head`, then a byte a second until the gateway answers or drops the
+    connection; returns the seconds that took and what came back (b"" when dropped
+    without an answer, None when `stop` came first)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    answer = asyncio.ensure_future(reader.read(200))
+    try:
+        while not answer.done():
+            if stop.is_set():
+                return time.monotonic() - started, None
+            await asyncio.wait([answer], timeout=1.0)
+            if not answer.done():
+                writer.write(b"a")
+        return time.monotonic() - started, await answer
+    except ConnectionError:
+        return time.monotonic() - started, b""
+    finally:
+        answer.cancel()
+        writer.close()
+
+
+async def test_slow_clients_are_dropped_and_do_not_take_the_in_flight_slots(
+        stack_settings, tmp_path):
+    """Slowloris (a header byte a second) is dropped after the header timeout without an
+    answer; a body a byte a second gets 408 after the body timeout. Slow bodies fill
+    every in-flight slot meanwhile, and the slots come back."""
+    port = free_port()
+    gateway = ServiceProcess(stack_settings, tmp_path, "gateway", name="slow-gateway",
+                             http_port=port, max_in_flight=4, header_timeout_seconds=1,
+                             body_timeout_seconds=1).start()
+    url = f"http://127.0.0.1:{port}"
+    stop = asyncio.Event()
+    try:
+        gateway.wait_http(url + "/healthz")
+        async with aiohttp.ClientSession() as session:
+            api = Api(session, url, stack_settings.admin_token)
+            release = await api.create_release(release_definition([10]))
+            path = f"/v1/releases/{release['release_id']}/claims"
+            slow_heads = [trickle(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                                  .encode(), stop) for _ in range(20)]
+            slow_bodies = [trickle(port, (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {p.token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode(),
+                stop) for p in residents(stack_settings, 4)]
+            # Bounded, so that a gateway that never drops them fails instead of hanging.
+            timer = asyncio.get_running_loop().call_later(20, stop.set)
+            results = await asyncio.gather(*slow_heads, *slow_bodies)
+            timer.cancel()
+            for seconds, answer in results[:20]:
+                assert answer == b"", (seconds, answer)
+            for seconds, answer in results[20:]:
+                assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), seconds
+                assert b"application/problem+json" in answer
+            # Every in-flight slot is free again, and nothing was taken.
+            assert (await api.claim(release["release_id"],
+                                    residents(stack_settings, 1)[0]))[0] == 201
+            assert (await api.admin_release(release["release_id"]))["claimed"] == 1
+    finally:
+        stop.set()
+        gateway.stop()

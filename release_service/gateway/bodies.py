@@ -1,20 +1,27 @@
-"""Request bodies: size-limited, JSON objects only, clear 4xx otherwise."""
+"""Request bodies: size- and time-limited, JSON objects only, clear 4xx otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import BadRequest, InvalidInput, PayloadTooLarge
+from ..errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout
+from .appkeys import SETTINGS
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
+    # A body trickling in would hold one of the in-flight slots the others need.
+    seconds = request.app[SETTINGS].body_timeout_seconds
     try:
-        raw = await request.read()  # bounded by client_max_size
+        async with asyncio.timeout(seconds):
+            raw = await request.read()  # bounded by client_max_size
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body exceeds {request.app._client_max_size} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {seconds:g} s") from None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -17,7 +17,8 @@ PROBLEM = "application/problem+json"
 
 _TITLES = {
     400: "Malformed request", 401: "Missing or invalid token", 403: "Not allowed",
-    404: "Not found", 405: "Method not allowed", 409: "Conflict with the current state",
+    404: "Not found", 405: "Method not allowed", 408: "The body arrived too slowly",
+    409: "Conflict with the current state",
     410: "The release is closed", 413: "Request body too large",
     415: "Unsupported media type", 422: "Invalid input", 425: "Not open yet or paused",
     429: "Too many requests (Retry-After)", 503: "Overloaded or a backing service is down "
@@ -122,8 +123,9 @@ def _op(summary: str, success: dict[int, Any], errors: tuple[int, ...] = (), *,
         auth: str | None = None, body: dict[str, Any] | None = None,
         params: tuple[str, ...] = (), headers: tuple[dict[str, Any], ...] = ()
         ) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": _responses(
-        success, errors + ((401,) if auth else ()))}
+    # A body may be too large, too slow, or not JSON.
+    errors += ((401,) if auth else ()) + ((408, 413, 415) if body is not None else ())
+    op: dict[str, Any] = {"summary": summary, "responses": _responses(success, errors)}
     if auth:
         op["security"] = [{auth: []}]
     parameters = [{"name": p, "in": "path", "required": True,
@@ -162,16 +164,16 @@ PATHS: dict[str, dict[str, Any]] = {
         params=("release_id",))},
     "/v1/releases/{release_id}/claims": {"post": _op(
         "Claim a slot for a person of the account", {201: _ref("Claim")},
-        (403, 404, 409, 410, 413, 415, 422, 425, 429), auth="resident",
+        (403, 404, 409, 410, 422, 425, 429), auth="resident",
         params=("release_id",), headers=(_IDEMPOTENCY,),
         body=_obj(["person_id"], person_id=_ID, slot_id=_ID))},
     "/v1/otp": {"post": _op(
         "Send a one-time code by SMS", {202: _obj(["sent", "expires_in"])},
-        (413, 415, 422, 429), body=_obj(["phone"], phone=_PHONE))},
+        (422, 429), body=_obj(["phone"], phone=_PHONE))},
     "/v1/sessions": {"post": _op(
         "Sign in or register with a one-time code", {200: _ref("Account"),
                                                      201: _ref("Account")},
-        (401, 409, 413, 415, 422, 429),
+        (401, 409, 422, 429),
         body=_obj(["phone", "code"], phone=_PHONE,
                   code={"type": "string", "pattern": "^[0-9]{6}$"}, real_name=_NAME,
                   id_number=_RESIDENT_ID))},
@@ -180,7 +182,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                                    "items": _ref("Person")}},
                    auth="resident"),
         "post": _op("Add a family member", {201: _obj(["person", "persons", "token"])},
-                    (409, 413, 415, 422), auth="resident",
+                    (409, 422), auth="resident",
                     body=_obj(["real_name", "id_number"], real_name=_NAME,
                               id_number=_RESIDENT_ID)),
     },
@@ -201,7 +203,7 @@ PATHS: dict[str, dict[str, Any]] = {
         (*_BOOKING_ERRORS, 409), auth="resident", params=("code",))},
     "/v1/admin/releases": {"post": _op(
         "Create a release and preheat its stock", {201: _ref("Release")},
-        (409, 413, 415, 422), auth="admin", body=_ref("ReleaseDefinition"))},
+        (409, 422), auth="admin", body=_ref("ReleaseDefinition"))},
     "/v1/admin/releases/{release_id}": {"get": _op(
         "A release with per-slot capacity, remaining, claimed, cancelled",
         {200: _ref("Release")}, (404,), auth="admin", params=("release_id",))},

@@ -48,8 +48,14 @@ async def _serve_until_signal(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # aiohttp's keep-alive timer also runs from the connection's start and while a request
+    # head is only partly read, so it is the header timeout too.
     runner = web.AppRunner(create_app(settings), access_log=None,
-                           shutdown_timeout=SHUTDOWN_SECONDS)
+                           shutdown_timeout=SHUTDOWN_SECONDS,
+                           keepalive_timeout=settings.header_timeout_seconds,
+                           max_line_size=settings.max_header_bytes,
+                           max_field_size=settings.max_header_bytes,
+                           max_headers=settings.max_headers)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.http_host, settings.http_port,
