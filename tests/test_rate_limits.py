@@ -64,6 +64,18 @@ async def gateways(stack_settings, tmp_path) -> AsyncIterator[list[Api]]:
                 process.stop()
 
 
+async def create_seen(gateways: list[Api], definition: dict) -> dict:
+    """Create a release and wait until every gateway process's view has it (each
+    refreshes its view on its own, a moment after another process created it)."""
+    release = await gateways[0].create_release(definition)
+    for api in gateways:
+        for _ in range(100):
+            if (await api.call("GET", f"/v1/releases/{release['release_id']}"))[0] == 200:
+                break
+            await asyncio.sleep(0.05)
+    return release
+
+
 async def claim_from(api: Api, release_id: str, who: Resident, address: str,
                      key: str | None = None):
     headers = {**who.headers, "X-Forwarded-For": address}
@@ -82,7 +94,7 @@ def limited(results, name: str) -> int:
 
 
 async def test_claims_per_account_across_processes(gateways, stack_settings):
-    release = (await gateways[0].create_release(release_definition([1])))["release_id"]
+    release = (await create_seen(gateways, release_definition([1])))["release_id"]
     first, bot = residents(stack_settings, 2)
     assert (await claim_from(gateways[0], release, first, next(_addresses)))[0] == 201
     # A bot keeps claiming the sold-out release, each time with a new Idempotency-Key (so
@@ -98,12 +110,12 @@ async def test_claims_per_account_across_processes(gateways, stack_settings):
         status, _, body = await claim_from(api, release, bot, next(_addresses), key="again")
         assert status == 429 and body["limit"] == "claims per account"
     # Claims are counted per release: the same account claims elsewhere.
-    other = (await gateways[0].create_release(release_definition([1])))["release_id"]
+    other = (await create_seen(gateways, release_definition([1])))["release_id"]
     assert (await claim_from(gateways[1], other, bot, next(_addresses)))[0] == 201
 
 
 async def test_claims_per_address_across_processes(gateways, stack_settings):
-    release = (await gateways[0].create_release(release_definition([100])))["release_id"]
+    release = (await create_seen(gateways, release_definition([100])))["release_id"]
     crowd = residents(stack_settings, 12)
     address = next(_addresses)
     results = await asyncio.gather(*(
@@ -122,7 +134,7 @@ async def test_claims_per_address_across_processes(gateways, stack_settings):
 async def test_lookup_misses_spend_a_small_budget_that_blocks_every_lookup(
     gateways, stack_settings
 ):
-    release = await gateways[0].create_release(release_definition([10]))
+    release = await create_seen(gateways, release_definition([10]))
     me = residents(stack_settings, 1)[0]
     status, _, mine = await claim_from(gateways[0], release["release_id"], me, next(_addresses))
     assert status == 201
