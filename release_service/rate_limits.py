@@ -74,8 +74,8 @@ class RateLimits:
         self._cluster = isinstance(redis, RedisCluster)
         self._script = redis.register_script(lua_source("rate_limit.lua"))
         self._batcher: TickBatcher[Check, int] = TickBatcher("rate_limit", self._run)
-        self._exempt = {a.strip() for a in settings.rate_limit_exempt_addresses.split(",")
-                        if a.strip()}
+        self._exempt = address_set(settings.rate_limit_exempt_addresses)
+        self.trusted_proxies = address_set(settings.trusted_proxies)
         # Claim counter key -> loop time its window ends, for counters seen over the limit.
         self._spent_until: dict[str, float] = {}
 
@@ -158,6 +158,11 @@ def rate_limited(message: str, wait_ms: float, limit: str) -> errors.ServiceErro
     """The 429: Retry-After in whole seconds (at least 1), and the limit's name."""
     return errors.RateLimited(f"{message}; try again later",
                               retry_after=max(1, math.ceil(wait_ms / 1000)), limit=limit)
+
+
+def address_set(text: str) -> frozenset[str]:
+    """A comma-separated list of addresses from the settings, parsed once."""
+    return frozenset(a.strip() for a in text.split(",") if a.strip())
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: frozenset[str]

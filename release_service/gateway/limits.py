@@ -5,17 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..rate_limits import client_address
-from .appkeys import RATE_LIMITS, SETTINGS
+from .appkeys import RATE_LIMITS
 
 
 def client_of(request: web.Request) -> str:
     """The caller's address (through trusted proxies only), worked out once per request."""
     address = request.get("client_address")
     if address is None:
-        trusted = frozenset(a.strip() for a in request.app[SETTINGS].trusted_proxies.split(",")
-                            if a.strip())
         address = client_address(request.remote, request.headers.get("X-Forwarded-For"),
-                                 trusted)
+                                 request.app[RATE_LIMITS].trusted_proxies)
         request["client_address"] = address
     return address
 
