@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from datetime import time as dt_time
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -148,7 +149,8 @@ def parse_definition(data: object) -> ReleaseDefinition:
     if not isinstance(data, dict):
         raise InvalidInput("the release definition must be a JSON object")
     try:
-        definition = ReleaseDefinition.model_validate(data)
+        # JSON's types strictly: no number for a time or a date, no string for a number.
+        definition = ReleaseDefinition.model_validate_json(orjson.dumps(data), strict=True)
     except ValidationError as exc:
         errors = [
             {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"]}

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..release_definition import ReleaseDefinition
+
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 
@@ -37,8 +39,37 @@ _NAME = {"type": "string", "minLength": 1, "maxLength": 32}
 _RESIDENT_ID = {"type": "string", "pattern": "^[0-9]{17}[0-9X]$"}
 
 
+def _definition_schemas() -> dict[str, Any]:
+    """The release definition as its validator states it, so that the two cannot drift."""
+    schema = ReleaseDefinition.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs"), "ReleaseDefinition": schema}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+_BOOKING_STATUS = {"enum": ["confirmed", "cancelled", "attended", "no_show"]}
+# Every release answer carries its definition as stored.
+_RELEASE_FIELDS = ["release_id", "vaccine", "dose", "clinic_id", "department", "opens_at",
+                   "closes_at", "slots"]
+_RELEASE_PROPERTIES = {"release_id": {"type": "string"}, "vaccine": {"type": "string"},
+                       "dose": {"type": "integer"}, "clinic_id": {"type": "string"},
+                       "department": {"type": "string"}, "opens_at": _TIME,
+                       "closes_at": _TIME}
+
+
+def _slot(*counts: str) -> dict[str, Any]:
+    """A slot as answered: its definition, visit day, deadline and stock (`counts` more)."""
+    fields = ["capacity", "remaining", *counts]
+    return {"type": "object",
+            "required": ["slot_id", "starts_at", "ends_at", "visit_day", "cancel_until",
+                         *fields],
+            "properties": {"slot_id": {"type": "string"}, "starts_at": _TIME,
+                           "ends_at": _TIME, "cancel_until": _TIME,
+                           "visit_day": {"type": "string", "pattern": "^[0-9]{8}$"},
+                           **dict.fromkeys(fields, _COUNT)}}
 
 
 SCHEMAS: dict[str, Any] = {
@@ -54,42 +85,38 @@ SCHEMAS: dict[str, Any] = {
                      "claimed_at"],
         "properties": {"claim_id": {"type": "string"}, "code": _CODE,
                        "release_id": {"type": "string"}, "slot_id": {"type": "string"},
-                       "person_id": {"type": "string"}, "status": {"type": "string"},
+                       "person_id": {"type": "string"}, "status": _BOOKING_STATUS,
                        "claimed_at": _TIME},
     },
     "Booking": {
         "type": "object", "required": ["code", "status", "persisted", "claim"],
-        "properties": {"code": _CODE, "status": {"type": "string"},
+        "properties": {"code": _CODE, "status": _BOOKING_STATUS,
                        "persisted": {"type": "boolean"}, "claim": _ref("Claim"),
-                       "release": {"type": "object"}, "slot": {"type": "object"},
+                       "release": {"type": "object", "required": [
+                           "release_id", "vaccine", "dose", "clinic_id", "department"]},
+                       "slot": {"type": "object", "required": [
+                           "slot_id", "starts_at", "ends_at", "cancel_until"]},
                        "cancelled_at": _TIME},
     },
     "Release": {
-        "type": "object", "required": ["release_id", "slots"],
-        "properties": {"release_id": {"type": "string"}, "status": {"type": "string"},
-                       "remaining": {"type": "integer"},
-                       "slots": {"type": "array", "items": {"type": "object"}}},
+        "description": "What residents see: the definition, its status and stock.",
+        "type": "object", "required": [*_RELEASE_FIELDS, "status", "remaining"],
+        "properties": {**_RELEASE_PROPERTIES,
+                       "status": {"enum": ["upcoming", "open", "paused", "sold_out",
+                                           "closed"]},
+                       "remaining": _COUNT,
+                       "slots": {"type": "array", "items": _slot()}},
     },
-    "ReleaseDefinition": {
+    "AdminRelease": {
+        "description": "What operators see: stock per slot, claims, cancellations, outbox.",
         "type": "object",
-        "required": ["vaccine", "dose", "clinic_id", "department", "opens_at", "closes_at",
-                     "slots"],
-        "properties": {
-            "release_id": _ID, "vaccine": {"type": "string"}, "dose": {"type": "integer"},
-            "clinic_id": {"type": "string"}, "department": {"type": "string"},
-            "opens_at": _TIME, "closes_at": _TIME,
-            "slots": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["slot_id", "starts_at", "ends_at", "capacity"],
-                "properties": {"slot_id": _ID, "starts_at": _TIME, "ends_at": _TIME,
-                               "capacity": {"type": "integer", "minimum": 0}}}},
-            "waves": {"type": "array", "items": {
-                "type": "object", "required": ["opens_at", "share"],
-                "properties": {"opens_at": _TIME, "share": {"type": "number"}}}},
-            "eligibility": {"type": "object", "properties": {
-                "min_age": {"type": "integer"}, "max_age": {"type": "integer"},
-                "sex": {"enum": ["F", "M"]}}},
-            "cancellation": {"type": "object"}, "limits": {"type": "object"},
-        },
+        "required": [*_RELEASE_FIELDS, "state", "capacity", "remaining", "claimed",
+                     "cancelled", "outbox_length", "as_of"],
+        "properties": {**_RELEASE_PROPERTIES,
+                       "state": {"enum": ["scheduled", "paused", "closed"]},
+                       "capacity": _COUNT, "remaining": _COUNT, "claimed": _COUNT,
+                       "cancelled": _COUNT, "outbox_length": _COUNT, "as_of": _TIME,
+                       "slots": {"type": "array", "items": _slot("claimed", "cancelled")}},
     },
     "Account": {
         "type": "object", "required": ["account_id", "token", "persons"],
@@ -104,6 +131,7 @@ SCHEMAS: dict[str, Any] = {
                        "birth_date": {"type": "string"}, "sex": {"enum": ["F", "M"]},
                        "is_holder": {"type": "boolean"}},
     },
+    **_definition_schemas(),
 }
 
 
@@ -119,22 +147,40 @@ def _responses(success: dict[int, Any], errors: tuple[int, ...]) -> dict[str, An
     return out
 
 
+# Examples for the parameters and the claim body (the fuzz test creates this release and
+# this person, so that generated requests also reach the winning path).
+EXAMPLES = {"release_id": "hpv9-wuhou-2026-12", "slot_id": "2026-12-08T09:00",
+            "person_id": "p_3f9a1c2e7b4d", "code": "12345678"}
+# The contract's example definition (release_id left out: one is generated).
+DEFINITION_EXAMPLE = {
+    "vaccine": "HPV9", "dose": 1, "clinic_id": "cd-wuhou-01", "department": "vaccination",
+    "opens_at": "2026-12-01T10:00:00+08:00", "closes_at": "2026-12-01T22:00:00+08:00",
+    "slots": [{"slot_id": "2026-12-08T09:00", "starts_at": "2026-12-08T09:00:00+08:00",
+               "ends_at": "2026-12-08T10:00:00+08:00", "capacity": 50}],
+    "waves": [{"opens_at": "2026-12-01T10:00:00+08:00", "share": 0.5},
+              {"opens_at": "2026-12-01T15:00:00+08:00", "share": 0.5}],
+    "eligibility": {"min_age": 9, "max_age": 45, "sex": "F"},
+}
+
+
 def _op(summary: str, success: dict[int, Any], errors: tuple[int, ...] = (), *,
         auth: str | None = None, body: dict[str, Any] | None = None,
-        params: tuple[str, ...] = (), headers: tuple[dict[str, Any], ...] = ()
-        ) -> dict[str, Any]:
+        params: tuple[str, ...] = (), headers: tuple[dict[str, Any], ...] = (),
+        example: dict[str, Any] | None = None) -> dict[str, Any]:
     # A body may be too large, too slow, or not JSON.
     errors += ((401,) if auth else ()) + ((408, 413, 415) if body is not None else ())
     op: dict[str, Any] = {"summary": summary, "responses": _responses(success, errors)}
     if auth:
         op["security"] = [{auth: []}]
-    parameters = [{"name": p, "in": "path", "required": True,
-                   "schema": _CODE if p == "code" else _ID} for p in params]
+    parameters = [{"name": p, "in": "path", "required": True, "example": EXAMPLES[p],
+                   "schema": _CODE if p == "code" else _ID}
+                  for p in params]
     parameters += list(headers)
     if parameters:
         op["parameters"] = parameters
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+        media = {"schema": body, **({"example": example} if example else {})}
+        op["requestBody"] = {"required": True, "content": {JSON: media}}
     return op
 
 
@@ -166,7 +212,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "Claim a slot for a person of the account", {201: _ref("Claim")},
         (403, 404, 409, 410, 422, 425, 429), auth="resident",
         params=("release_id",), headers=(_IDEMPOTENCY,),
-        body=_obj(["person_id"], person_id=_ID, slot_id=_ID))},
+        body=_obj(["person_id"], person_id=_ID, slot_id=_ID),
+        example={k: EXAMPLES[k] for k in ("person_id", "slot_id")})},
     "/v1/otp": {"post": _op(
         "Send a one-time code by SMS", {202: _obj(["sent", "expires_in"])},
         (422, 429), body=_obj(["phone"], phone=_PHONE))},
@@ -202,13 +249,15 @@ PATHS: dict[str, dict[str, Any]] = {
         "Send the booking's SMS again", {202: _obj(["code", "resent"])},
         (*_BOOKING_ERRORS, 409), auth="resident", params=("code",))},
     "/v1/admin/releases": {"post": _op(
-        "Create a release and preheat its stock", {201: _ref("Release")},
-        (409, 422), auth="admin", body=_ref("ReleaseDefinition"))},
+        "Create a release and preheat its stock", {201: _ref("AdminRelease")},
+        (409, 422), auth="admin", body=_ref("ReleaseDefinition"),
+        example=DEFINITION_EXAMPLE)},
     "/v1/admin/releases/{release_id}": {"get": _op(
         "A release with per-slot capacity, remaining, claimed, cancelled",
-        {200: _ref("Release")}, (404,), auth="admin", params=("release_id",))},
+        {200: _ref("AdminRelease")}, (404,), auth="admin", params=("release_id",))},
     **{f"/v1/admin/releases/{{release_id}}/{action}": {"post": _op(
-        f"{action.capitalize()} the release", {200: _ref("Release")}, (404,), auth="admin",
+        f"{action.capitalize()} the release", {200: _ref("AdminRelease")}, (404,),
+        auth="admin",
         params=("release_id",))} for action in ("pause", "resume", "close")},
     "/v1/admin/bookings/{code}/check-in": {"post": _op(
         "Mark a booking attended", {200: _ref("Booking")}, (404, 409), auth="admin",
