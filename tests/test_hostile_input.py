@@ -12,7 +12,7 @@ import aiohttp
 import jwt
 import pytest
 from processes import ServiceProcess, free_port
-from support import Api, Resident, release_definition, residents
+from support import Api, Resident, at, release_definition, residents
 
 from release_service import keys
 
@@ -29,7 +29,10 @@ async def snapshot(redis: Any, db: Any, release_id: str) -> tuple[Any, ...]:
             await redis.xlen(keys.outbox_key(release_id)),
             await redis.hlen(keys.claims_key(release_id)),
             await db.fetchval("SELECT count(*) FROM bookings"),
-            await db.fetchval("SELECT count(*) FROM releases"))
+            await db.fetchval("SELECT count(*) FROM releases"),
+            await db.fetchval("SELECT count(*) FROM persons"),
+            await db.fetchval("SELECT count(*) FROM accounts"),
+            sorted(await redis.keys("person:*")))  # reservations and bans
 
 
 @pytest.fixture
@@ -88,13 +91,31 @@ async def test_injection_in_every_string_field_changes_nothing(api, redis, db, s
             await api.call("POST", f"/v1/bookings/{text}/cancel", headers=person.headers),
             await api.call("POST", "/v1/otp", json={"phone": text}),
             await api.call("POST", "/v1/sessions", json={"phone": "13812345678", "code": text}),
+            await api.call("GET", f"/v1/releases/{text}"),
+            await api.call("POST", f"/v1/releases/{text}/claims", headers=person.headers,
+                           json={"person_id": person.person_id}),
+            await api.call("DELETE", f"/v1/persons/{text}", headers=person.headers),
+            await api.call("POST", "/v1/persons", headers=person.headers,
+                           json={"real_name": "Li Hua", "id_number": text}),
+            await api.call("POST", "/v1/sessions", json={
+                "phone": "13812345678", "code": "123456", "real_name": text,
+                "id_number": text}),
+            await api.call("POST", f"/v1/admin/releases/{text}/pause",
+                           headers=api.admin_headers),
+            await api.call("POST", f"/v1/admin/bookings/{text}/check-in",
+                           headers=api.admin_headers),
+            *[await api.call("POST", "/v1/admin/releases", headers=api.admin_headers,
+                             json=release_definition([1], **{field: text}))
+              for field in ("release_id", "clinic_id")],
             await api.call("POST", "/v1/admin/releases", headers=api.admin_headers,
-                           json=release_definition([1], release_id=text)),
+                           json=release_definition([1], slots=[{
+                               "slot_id": text, "starts_at": at(3600), "ends_at": at(7200),
+                               "capacity": 1}])),
         ]
         if text.isprintable() and len(text) <= 128:  # header values must be printable
             answers.append(await api.claim(rid, person, key=text, person_id="p_nobody"))
-        for status, _, body in answers:
-            assert 400 <= status < 500, (text, status, body)
+        for index, (status, _, body) in enumerate(answers):
+            assert 400 <= status < 500, (text, index, status, body)
             assert body is None or "Traceback" not in str(body)
     assert await snapshot(redis, db, rid) == before
     # The release still sells normally afterwards (another account: this one has spent

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import PROBLEM_CONTENT_TYPE, ServiceError, Unavailable
+from ..errors import PROBLEM_CONTENT_TYPE, NotFound, ServiceError, Unavailable
 from ..metrics import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger("release_service.gateway")
@@ -63,6 +63,17 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+# No id the service hands out is longer or holds a control character; PostgreSQL would
+# refuse text with NUL, so such a path is answered here as the 404 it is.
+MAX_PATH_ID = 128
+
+
+def _check_path_ids(request: web.Request) -> None:
+    for name, value in request.match_info.items():
+        if len(value) > MAX_PATH_ID or not value.isprintable():
+            raise NotFound(f"no such {name.replace('_', ' ')}")
+
+
 @web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as an RFC 9457 document; an unexpected one is logged once,
@@ -72,6 +83,7 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     request["request_id"] = request_id
     started = time.perf_counter()
     try:
+        _check_path_ids(request)
         response = await handler(request)
         response.headers[REQUEST_ID_HEADER] = request_id
     except ServiceError as exc:
