@@ -174,6 +174,8 @@ async def add_person(pool: asyncpg.Pool, account_id: str, real_name: object,
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account_id)
         existing = await persons_of(conn, account_id)
+        if not existing:  # an account always holds its holder: this one is gone
+            raise errors.Unauthorized("the token's account no longer exists; sign in again")
         if any(p.id_number == resident.number for p in existing):
             raise errors.AlreadyExists("this ID number is already registered on the account")
         if len(existing) >= PERSONS_PER_ACCOUNT:

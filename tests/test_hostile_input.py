@@ -5,7 +5,9 @@ nothing: stock, claims, the outbox and the tables stay as they were."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from datetime import date
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,7 @@ from processes import ServiceProcess, free_port
 from support import Api, Resident, at, release_definition, residents
 
 from release_service import keys
+from release_service.resident_id import generate_resident_id
 
 INJECTIONS = [
     "'; DROP TABLE bookings; --", "\" OR 1=1 --", "]] redis.call('FLUSHALL') --[[",
@@ -75,6 +78,17 @@ async def test_forged_tokens_are_refused_and_change_nothing(api, redis, db, stac
             assert status == 401 and body["code"] == "unauthorized", (kind, answer)
             assert token not in body["detail"]
     assert await snapshot(redis, db, release["release_id"]) == before
+
+
+async def test_a_signed_token_of_an_account_that_is_gone_is_refused(api, db, stack_settings):
+    """Tokens outlive accounts (an operator may delete one): adding a person to an account
+    without a row answers 401, not the database's foreign-key error as a 500."""
+    person = residents(stack_settings, 1)[0]  # signed, but no account row
+    id_number = generate_resident_id(random.Random(7), date(1990, 5, 5), "F")
+    status, _, body = await api.call("POST", "/v1/persons", headers=person.headers,
+                                     json={"real_name": "Li Hua", "id_number": id_number})
+    assert (status, body["code"]) == (401, "unauthorized")
+    assert await db.fetchval("SELECT count(*) FROM persons") == 0
 
 
 async def test_injection_in_every_string_field_changes_nothing(api, redis, db, stack_settings):
