@@ -41,7 +41,8 @@ class ReleaseView:
     left: int = 0
     remaining_by_slot: dict[str, int] = field(default_factory=dict)
     page: bytes = b""  # pre-encoded GET /v1/releases/{id}
-    refusal_bodies: dict[str, bytes] = field(default_factory=dict)
+    # Per status: the refusal and its encoded problem document (see refusal_answer).
+    refusal_answers: dict[str, tuple[ServiceError, bytes]] = field(default_factory=dict)
 
     def status(self, now_ms: int) -> str:
         if self.state == "closed" or now_ms >= self.closes_ms:
@@ -69,16 +70,22 @@ class ReleaseView:
             return Paused(f"release {self.release_id} is paused", retry_after=5)
         return SoldOut(f"release {self.release_id} is sold out")
 
-    def refusal_answer(self, now_ms: int) -> tuple[ServiceError, bytes] | None:
-        """`refusal` with its problem document pre-encoded: during a spike most requests
-        get one of these few answers, so each is encoded once per state, not per request."""
-        refusal = self.refusal(now_ms)
-        if refusal is None:
+    def refusal_answer(self, now_ms: int) -> tuple[ServiceError, bytes, int | None] | None:
+        """`refusal` with its problem document pre-encoded, and its Retry-After: during a
+        spike most requests get one of these few answers, so each is built once per state,
+        not per request (only the wait before the opening changes by the second)."""
+        status = self.status(now_ms)
+        if status == "open":
             return None
-        body = self.refusal_bodies.get(refusal.code)
-        if body is None:
-            body = self.refusal_bodies[refusal.code] = refusal.body()
-        return refusal, body
+        answer = self.refusal_answers.get(status)
+        if answer is None:
+            refusal = self.refusal(now_ms)
+            assert refusal is not None
+            answer = self.refusal_answers[status] = (refusal, refusal.body())
+        refusal, body = answer
+        if status == "upcoming":
+            return refusal, body, max(1, (self.opens_ms - now_ms + 999) // 1000)
+        return refusal, body, refusal.retry_after
 
     def public(self, now_ms: int) -> dict[str, Any]:
         slots = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
@@ -18,6 +20,14 @@ CLAIMS = Counter(
     "release_claims_total", "Claim attempts by result code (created, replayed, sold_out...)",
     ["result"],
 )
+
+
+@functools.cache
+def claim_result(result: str) -> Counter:
+    """CLAIMS bound to one result: a label lookup per claim costs more than the count."""
+    return CLAIMS.labels(result)
+
+
 STOCK_REMAINING = Gauge(
     "release_stock_remaining", "Remaining stock per slot of active releases",
     ["release_id", "slot_id"],

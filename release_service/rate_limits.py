@@ -73,7 +73,8 @@ class RateLimits:
         self.rules = rules_from(settings)
         self._cluster = isinstance(redis, RedisCluster)
         self._script = redis.register_script(lua_source("rate_limit.lua"))
-        self._batcher: TickBatcher[Check, int] = TickBatcher("rate_limit", self._run)
+        self._batcher: TickBatcher[tuple[Check, ...], list[int]] = TickBatcher(
+            "rate_limit", self._run)
         self._exempt = address_set(settings.rate_limit_exempt_addresses)
         self.trusted_proxies = address_set(settings.trusted_proxies)
         # Claim counter key -> loop time its window ends, for counters seen over the limit.
@@ -81,11 +82,12 @@ class RateLimits:
 
     async def check(self, *checks: Check, message: str = "too many requests") -> None:
         """Count every check; raise RateLimited (429, Retry-After) if any is over."""
-        counted = [c for c in checks if c.rule.limit > 0 and
-                   not (c.rule.per == "address" and c.subject in self._exempt)]
+        counted = tuple(c for c in checks if c.rule.limit > 0 and
+                        not (c.rule.per == "address" and c.subject in self._exempt))
         if not counted:
             return
-        waits = await asyncio.gather(*(self._batcher.submit("", c) for c in counted))
+        # One batch entry (one future) per request, however many rules it counts.
+        waits = await self._batcher.submit("", counted)
         wait_ms = max(waits)
         if wait_ms > 0:
             refused = next(c.rule for c, w in zip(counted, waits, strict=True) if w == wait_ms)
@@ -132,7 +134,8 @@ class RateLimits:
     async def drain(self) -> None:
         await self._batcher.drain()
 
-    async def _run(self, _key: str, batch: Sequence[Check]) -> list[int]:
+    async def _run(self, _key: str, requests: Sequence[tuple[Check, ...]]) -> list[list[int]]:
+        batch = [c for checks in requests for c in checks]
         groups: dict[int, list[int]] = {}
         for index, c in enumerate(batch):
             slot = key_slot(c.rule.key(c.subject).encode()) if self._cluster else 0
@@ -146,12 +149,17 @@ class RateLimits:
                 script_keys.append(c.rule.key(c.subject))
                 args += (c.rule.limit, c.rule.window_seconds * 1000, c.cost)
             calls.append(self._script(keys=script_keys, args=args))
-        replies = await asyncio.gather(*calls)
+        replies = await asyncio.gather(*calls) if len(calls) > 1 else [await calls[0]]
         waits = [0] * len(batch)
         for members, reply in zip(groups.values(), replies, strict=True):
             for position, index in enumerate(members):
                 waits[index] = int(reply[position])
-        return waits
+        outcomes = []
+        start = 0
+        for checks in requests:
+            outcomes.append(waits[start:start + len(checks)])
+            start += len(checks)
+        return outcomes
 
 
 def rate_limited(message: str, wait_ms: float, limit: str) -> errors.ServiceError:

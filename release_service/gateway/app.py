@@ -45,7 +45,7 @@ from .appkeys import (
     SMS,
     TOKENS,
 )
-from .middleware import admission, problems
+from .middleware import gateway_middleware
 from .probes import KafkaProbe
 
 
@@ -118,7 +118,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[admission(settings.max_in_flight), problems],
+    app = web.Application(middlewares=[gateway_middleware(settings.max_in_flight)],
                           client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TOKENS] = TokenCodec(settings.token_secret, settings.token_ttl_seconds)

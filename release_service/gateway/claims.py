@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .. import errors
 from ..claim_script import ClaimOutcome, ClaimRequest
-from ..metrics import CLAIMS as CLAIM_RESULTS
+from ..metrics import claim_result
 from ..person_script import Reservation, ReserveOutcome
 from ..releases import add_code_block
 from ..tokens import Principal
@@ -122,17 +122,16 @@ async def post_claim(request: web.Request) -> web.Response:
 
     view = app[CATALOG].get(release_id)
     if view is None:
-        CLAIM_RESULTS.labels("not_found").inc()
+        claim_result("not_found").inc()
         raise errors.NotFound(f"no release {release_id}")
     # A keyed request may be the retry of a claim that already won: only the script can
     # tell, so it is never refused locally.
     if not idempotency_key:
         answer = view.refusal_answer(app[CATALOG].now_ms())
         if answer is not None:
-            refusal, body = answer
-            CLAIM_RESULTS.labels(refusal.code).inc()
-            return problem_response(refusal.status, body, request["request_id"],
-                                    refusal.retry_after)
+            refusal, body, retry_after = answer
+            claim_result(refusal.code).inc()
+            return problem_response(refusal.status, body, request["request_id"], retry_after)
     # Verified after the local refusals: they tell nothing the public release page does
     # not, and a sold-out spike then costs no HMAC per request.
     principal: Principal = resident(request)
@@ -141,7 +140,7 @@ async def post_claim(request: web.Request) -> web.Response:
                                            client_of(request))
     spent = app[RATE_LIMITS].spent(limits)
     if spent is not None:
-        CLAIM_RESULTS.labels(spent.code).inc()
+        claim_result(spent.code).inc()
         raise spent
 
     data = await read_json_object(request)
@@ -149,12 +148,12 @@ async def post_claim(request: web.Request) -> web.Response:
     slot_id = _text_field(data, "slot_id", required=False)
     grant = principal.persons.get(person_id)
     if grant is None:
-        CLAIM_RESULTS.labels("not_your_person").inc()
+        claim_result("not_your_person").inc()
         raise errors.NotYourPerson("this account may not book for that person")
 
     day = view.visit_day(slot_id)
     if day is None:
-        CLAIM_RESULTS.labels("not_found").inc()
+        claim_result("not_found").inc()
         raise errors.NotFound("no such slot in this release", field="slot_id")
     claim_id = os.urandom(12).hex()
     request_base = ClaimRequest(
@@ -180,7 +179,7 @@ async def post_claim(request: web.Request) -> web.Response:
         reserved = await app[RESERVATIONS].submit("", reservation)
     if reserved.status != "ok" and outcome.status != "replay":
         error = _reservation_refusal(reserved, app[SETTINGS].zone)
-        CLAIM_RESULTS.labels(error.code).inc()
+        claim_result(error.code).inc()
         raise error
     if reserved.status == "ok":
         won = False
@@ -198,10 +197,10 @@ async def post_claim(request: web.Request) -> web.Response:
     if status in ("ok", "replay"):
         assert claim is not None
         if status == "replay" and claim["person_id"] != person_id:
-            CLAIM_RESULTS.labels("idempotency_key_reused").inc()
+            claim_result("idempotency_key_reused").inc()
             raise errors.IdempotencyKeyReused(
                 "this Idempotency-Key was used for a claim for another person")
-        CLAIM_RESULTS.labels("created" if status == "ok" else "replayed").inc()
+        claim_result("created" if status == "ok" else "replayed").inc()
         headers = {"Location": f"/v1/bookings/{claim['code']}"}
         if status == "replay":
             headers["Idempotent-Replayed"] = "true"
@@ -217,7 +216,7 @@ async def post_claim(request: web.Request) -> web.Response:
         refusal = app[RATE_LIMITS].claim_refused(limits, outcome.detail)
     else:
         refusal = _refusal(outcome, release_id)
-    CLAIM_RESULTS.labels(refusal.code).inc()
+    claim_result(refusal.code).inc()
     raise refusal
 
 

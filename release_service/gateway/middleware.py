@@ -74,43 +74,6 @@ def _check_path_ids(request: web.Request) -> None:
             raise NotFound(f"no such {name.replace('_', ' ')}")
 
 
-@web.middleware
-async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an RFC 9457 document; an unexpected one is logged once,
-    with the request id and without the body (it may carry ID numbers)."""
-    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or \
-        f"{_ID_PREFIX}-{next(_request_numbers):x}"
-    request["request_id"] = request_id
-    started = time.perf_counter()
-    try:
-        _check_path_ids(request)
-        response = await handler(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-    except ServiceError as exc:
-        response = problem_response(exc.status, exc.body(), request_id, exc.retry_after)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = problem_response(exc.status, _http_problem(exc), request_id)
-        if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
-            response.headers["Allow"] = exc.headers["Allow"]
-    except ENGINE_DOWN as exc:  # Redis or PostgreSQL unreachable or restarting
-        log.warning("%s %s (request %s): engine unavailable: %s", request.method,
-                    _route_name(request), request_id, type(exc).__name__)
-        failure = Unavailable("a backing service is unavailable; try again shortly",
-                              retry_after=1)
-        response = problem_response(503, failure.body(), request_id, failure.retry_after)
-    except Exception:
-        log.exception("unhandled error on %s %s (request %s)",
-                      request.method, _route_name(request), request_id)
-        failure = ServiceError("unexpected error; quote the request id", request_id=request_id)
-        response = problem_response(500, failure.body(), request_id)
-    route = _route_name(request)
-    _requests(route, response.status).inc()
-    _latency(route).observe(time.perf_counter() - started)
-    return response
-
-
 @functools.cache
 def _requests(route: str, status: int) -> Any:
     return HTTP_REQUESTS.labels(route, str(status))
@@ -124,25 +87,60 @@ def _latency(route: str) -> Any:
 _NOT_COUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def admission(limit: int) -> Any:
-    """Shed load before any work: past `limit` requests in flight, answer 503 at once."""
+def gateway_middleware(limit: int) -> Any:
+    """The gateway's one middleware (each layer costs every request a coroutine):
+    admission first — past `limit` requests in flight a 503 at once, before any work —
+    then request ids and metrics; every failure leaves as an RFC 9457 document and an
+    unexpected one is logged once, with the request id and without the body (it may
+    carry ID numbers)."""
     overloaded = ServiceError("the gateway is at capacity; retry shortly")
-    body = orjson.dumps({**overloaded.problem(), "status": 503, "code": "overloaded",
-                         "title": "Overloaded"})
+    shed_body = orjson.dumps({**overloaded.problem(), "status": 503, "code": "overloaded",
+                              "title": "Overloaded"})
     in_flight = 0
 
     @web.middleware
-    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal in_flight
-        if request.path in _NOT_COUNTED:
-            return await handler(request)
-        if in_flight >= limit:
-            _requests("overloaded", 503).inc()
-            return problem_response(503, body, "", retry_after=1)
-        in_flight += 1
+        counted = request.path not in _NOT_COUNTED
+        if counted:
+            if in_flight >= limit:
+                _requests("overloaded", 503).inc()
+                return problem_response(503, shed_body, "", retry_after=1)
+            in_flight += 1
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or \
+            f"{_ID_PREFIX}-{next(_request_numbers):x}"
+        request["request_id"] = request_id
+        started = time.perf_counter()
         try:
-            return await handler(request)
+            _check_path_ids(request)
+            response = await handler(request)
+            response.headers[REQUEST_ID_HEADER] = request_id
+        except ServiceError as exc:
+            response = problem_response(exc.status, exc.body(), request_id, exc.retry_after)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = problem_response(exc.status, _http_problem(exc), request_id)
+            if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
+                response.headers["Allow"] = exc.headers["Allow"]
+        except ENGINE_DOWN as exc:  # Redis or PostgreSQL unreachable or restarting
+            log.warning("%s %s (request %s): engine unavailable: %s", request.method,
+                        _route_name(request), request_id, type(exc).__name__)
+            failure = Unavailable("a backing service is unavailable; try again shortly",
+                                  retry_after=1)
+            response = problem_response(503, failure.body(), request_id, failure.retry_after)
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)",
+                          request.method, _route_name(request), request_id)
+            failure = ServiceError("unexpected error; quote the request id",
+                                   request_id=request_id)
+            response = problem_response(500, failure.body(), request_id)
         finally:
-            in_flight -= 1
+            if counted:
+                in_flight -= 1
+        route = _route_name(request)
+        _requests(route, response.status).inc()
+        _latency(route).observe(time.perf_counter() - started)
+        return response
 
-    return admit
+    return gateway
