@@ -128,6 +128,8 @@ def create_app(settings: Settings) -> web.Application:
     if settings.relay_in_gateway:
         app.cleanup_ctx.append(relay_ctx)
 
+    # The hot route first: aiohttp tries the routes under a path prefix in this order.
+    app.router.add_post("/v1/releases/{release_id}/claims", claims.post_claim)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
@@ -137,7 +139,6 @@ def create_app(settings: Settings) -> web.Application:
 
     app.router.add_get("/v1/releases", releases.list_releases)
     app.router.add_get("/v1/releases/{release_id}", releases.get_release)
-    app.router.add_post("/v1/releases/{release_id}/claims", claims.post_claim)
     app.router.add_post("/v1/otp", accounts.post_otp)
     app.router.add_post("/v1/sessions", accounts.post_session)
     app.router.add_get("/v1/persons", accounts.list_persons)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import signal
@@ -26,6 +27,9 @@ from .app import create_app
 log = logging.getLogger("release_service.gateway")
 
 SHUTDOWN_SECONDS = 10.0
+# Requests allocate many short-lived objects and few cycles: collect the young generation
+# every 10,000 allocations rather than 700 (a tenth of the collections, each still short).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def serve(settings: Settings) -> None:
@@ -57,6 +61,10 @@ async def _serve_until_signal(settings: Settings) -> None:
                            max_field_size=settings.max_header_bytes,
                            max_headers=settings.max_headers)
     await runner.setup()
+    # What start-up made (modules, the app, scripts, settings) lives as long as the
+    # process: frozen, no collection walks it again.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         await web.TCPSite(runner, settings.http_host, settings.http_port,
                           reuse_port=settings.gateway_processes > 1).start()
