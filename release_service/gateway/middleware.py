@@ -1,4 +1,5 @@
-"""Request middleware: request ids, metrics, and errors turned into problem documents."""
+"""Request middleware: admission, request ids, metrics, and errors turned into problem
+documents."""
 
 from __future__ import annotations
 
