@@ -72,6 +72,9 @@ class SmsJob:
     slot_id: str
     account_id: str
     request_id: str = ""
+    # A confirmation of a slot handed over from the standby list: until when the person may
+    # decline it (0: an ordinary booking). Same kind, so still one confirmation per booking.
+    decline_until_ms: int = 0
 
     @property
     def message_id(self) -> str:
@@ -105,7 +108,14 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
     code = values["code"]
     if not (len(code) == 8 and code.isascii() and code.isdigit()):
         raise InvalidMessage("code must be 8 digits")
-    return SmsJob(kind=kind, request_id=request_id_of(record), **values)
+    decline_until_ms = 0
+    if kind == "confirmation" and data.get("via") == "standby":
+        until = data.get("decline_until_ms")
+        if not isinstance(until, int) or isinstance(until, bool) or until <= 0:
+            raise InvalidMessage("decline_until_ms must be a positive integer")
+        decline_until_ms = until
+    return SmsJob(kind=kind, request_id=request_id_of(record),
+                  decline_until_ms=decline_until_ms, **values)
 
 
 def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
@@ -114,6 +124,11 @@ def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
     when = f"{at.month}月{at.day}日 {at:%H:%M}（周{WEEKDAYS[at.weekday()]}）"
     place = f"{context.clinic_id}{context.department}"
     vaccine = f"{context.vaccine}第{context.dose}剂"
+    if job.kind == "confirmation" and job.decline_until_ms:
+        until = datetime.fromtimestamp(job.decline_until_ms / 1000, zone)
+        return (f"【疫苗预约】候补成功：已为您预约{vaccine}：{place}，{when}，"
+                f"预约码 {job.code}。如不需要，请在{until.month}月{until.day}日 {until:%H:%M}"
+                "前放弃，名额将转给下一位候补者。")
     if job.kind == "cancellation":
         return (f"【疫苗预约】您在{place}{when}的{vaccine}预约（预约码 {job.code}）已取消，"
                 "名额已释放。")

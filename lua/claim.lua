@@ -18,13 +18,15 @@ ARGV:
   1 release_id
   2..5 code permutation keys (integers below 10^6, from the server's code secret)
   6 n, the number of claims in this batch
-  then one value per claim, 11 fields joined by "\31" (one argument is cheaper to send
-  than eleven): claim_id account_id person_id slot_id ("" = any slot)
+  then one value per claim, 12 fields joined by "\31" (one argument is cheaper to send
+  than twelve): claim_id account_id person_id slot_id ("" = any slot)
               idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
               day (YYYYMMDD: any slot on that visit day only; "" = any day)
-              mode ("claim", or "replay": only answer an idempotent replay)
+              mode ("claim"; "replay": only answer an idempotent replay; "standby": take
+                    a slot cancel.lua held for the standby list, window not checked)
               request_id (carried in the claim and its event, for tracing)
               limits ("key_index,limit,window_ms" entries joined by " "; "" = none)
+              decline_ms (mode "standby": how long the person may decline; "" otherwise)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -133,7 +135,8 @@ local function over_limit(spec)
 end
 
 local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
-                         request_id, limits)
+                         request_id, limits, decline_ms)
+  local standby = mode == 'standby'
   local idem_field = account_id .. ':' .. ikey
   if ikey ~= '' then
     local earlier = redis.call('HGET', idem, idem_field)
@@ -142,12 +145,16 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   if mode == 'replay' then return 'no_replay', '' end
   local refused = over_limit(limits)
   if refused then return 'rate_limited', refused end
-  if window ~= 'open' then return window, window_arg end
+  if window ~= 'open' and not standby then return window, window_arg end
   local held = redis.call('HGET', holders, person_id)
   if held then return 'already_claimed', redis.call('HGET', claims, held) end
   if need_sex ~= '' and sex ~= need_sex then return 'not_eligible', 'sex' end
 
-  if slot ~= '' then
+  if standby then
+    if tonumber(redis.call('HGET', meta, 'held:' .. slot) or '0') <= 0 then
+      return 'sold_out', ''
+    end
+  elseif slot ~= '' then
     local left = available(slot)
     if left == nil then return 'unknown_slot', '' end
     if left <= 0 then return 'sold_out', next_wave end
@@ -173,14 +180,21 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
 
   -- All checks passed: write everything.
   local code = code_for(seq)
-  local claim = cjson.encode({
+  local record = {
     claim_id = claim_id, code = code, release_id = release_id, slot_id = slot,
     person_id = person_id, account_id = account_id, status = 'confirmed',
     claimed_at_ms = now, request_id = request_id,
-  })
+  }
   redis.call('HINCRBY', meta, 'code_next', 1)
-  redis.call('HINCRBY', meta, 'left', -1)
-  redis.call('HINCRBY', taken, slot, 1)
+  if standby then
+    -- The held slot never went back on sale: it stays taken, the hold is used up.
+    record.via, record.decline_until_ms = 'standby', now + tonumber(decline_ms)
+    redis.call('HINCRBY', meta, 'held:' .. slot, -1)
+  else
+    redis.call('HINCRBY', meta, 'left', -1)
+    redis.call('HINCRBY', taken, slot, 1)
+  end
+  local claim = cjson.encode(record)
   redis.call('HSET', claims, claim_id, claim)
   redis.call('HSET', holders, person_id, claim_id)
   redis.call('HSET', codes, code, claim_id)
@@ -202,7 +216,7 @@ end
 for i = 0, n - 1 do
   local f = fields(ARGV[7 + i])
   local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
-    f[10] or '', f[11] or '')
+    f[10] or '', f[11] or '', f[12] or '')
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

@@ -39,6 +39,8 @@ class ClaimRequest:
     replay_only: bool = False  # only answer an idempotent replay; never take stock
     request_id: str = ""  # carried into the claim and its event, for tracing
     limits: tuple[ClaimLimit, ...] = ()
+    # Set: book a slot held for the standby list; the person may decline for this long.
+    standby_decline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +88,8 @@ class ClaimScript:
                 spec.append(f"{index},{lim.limit},{lim.window_ms}")
             argv.append(SEPARATOR.join((
                 r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
-                str(r.birth), r.sex, r.day, "replay" if r.replay_only else "claim",
-                r.request_id, " ".join(spec))))
+                str(r.birth), r.sex, r.day, _mode(r), r.request_id, " ".join(spec),
+                "" if r.standby_decline_ms is None else str(r.standby_decline_ms))))
         reply = await self._script(keys=script_keys, args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):
@@ -98,6 +100,12 @@ class ClaimScript:
             else:
                 outcomes.append(ClaimOutcome(status, None, _text(payload)))
         return outcomes
+
+
+def _mode(request: ClaimRequest) -> str:
+    if request.replay_only:
+        return "replay"
+    return "claim" if request.standby_decline_ms is None else "standby"
 
 
 def _text(value: bytes | str) -> str:

@@ -64,6 +64,10 @@ NotCancellable = _error("NotCancellable", 409, "not_cancellable",
                         "The booking can no longer be cancelled")
 CancelDeadlinePassed = _error("CancelDeadlinePassed", 409, "cancel_deadline_passed",
                               "The cancellation deadline has passed")
+NotDeclinable = _error("NotDeclinable", 409, "not_declinable",
+                       "Only a standby booking can be declined, within its window")
+NotSoldOut = _error("NotSoldOut", 409, "not_sold_out",
+                    "The release still has stock: claim a slot instead")
 PhoneLimit = _error("PhoneLimit", 409, "phone_limit", "This phone backs enough users")
 PersonLimit = _error("PersonLimit", 409, "person_limit", "The account has enough persons")
 HasActiveBooking = _error("HasActiveBooking", 409, "has_active_booking",

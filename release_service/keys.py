@@ -79,6 +79,23 @@ def claim_rate_key(release_id: str, per: str, subject: str) -> str:
     return _rel(release_id, f"rl:claims:{per}:{subject}")
 
 
+def standby_key(release_id: str) -> str:
+    """Sorted set person_id -> join sequence: the standby list, first to join first.
+    Lifetime: release; a person leaves it when offered a cancelled slot."""
+    return _rel(release_id, "standby")
+
+
+def standby_people_key(release_id: str) -> str:
+    """Hash person_id -> JSON (account, birth, sex, joined) of each standby entry."""
+    return _rel(release_id, "standbywho")
+
+
+def handoffs_key(release_id: str) -> str:
+    """Hash handoff_id (the cancelled claim's id) -> JSON: a cancelled slot held for the
+    standby list until it is booked by the next person or goes back on sale."""
+    return _rel(release_id, "handoffs")
+
+
 # Person keys: hash tag {person_id}, the person's own Cluster slot (limits across releases).
 
 

@@ -82,6 +82,10 @@ class Settings:
     limit_per_day: int = 2
     limit_per_7_days: int = 3
     limit_per_3_months: int = 5
+    # A standby booking (a cancelled slot handed to the standby list) may be declined for
+    # this long; a handoff a gateway left unfinished (it died) is resumed after this long.
+    standby_decline_seconds: float = 1800.0
+    standby_resume_seconds: float = 10.0
     # Rate limits shared by every gateway process (0 = none). A refused request gets 429
     # with Retry-After. Lookup misses (a code that is not yours) have a budget of their
     # own so that guessing booking codes is hopeless: see README "Rate limits".

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from processes import ServiceProcess, free_port
+from processes import Pipeline, ServiceProcess, free_port
 from support import Api
 
 from release_service.settings import PREFIX, Settings, load_settings
@@ -91,6 +91,22 @@ async def redis(stack_settings: Settings) -> AsyncIterator[Redis]:
     client = Redis.from_url(stack_settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def db(stack_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack_settings.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def pipeline(stack_settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
+    """Relay, bookings consumer and SMS consumer running for one test."""
+    running = Pipeline(stack_settings, tmp_path)
+    running.start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture(autouse=True)

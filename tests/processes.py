@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
+
 from release_service.settings import Settings, write_settings_file
 
 BIN = Path(sys.executable).parent / "release-service"
@@ -74,3 +76,39 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+class Pipeline:
+    """Relay and both consumers as child processes; the SMS sink in `folder`."""
+
+    def __init__(self, stack_settings: Settings, folder: Path) -> None:
+        self.sink = folder / "sms-sink.jsonl"
+        options = {"sms_sink_path": str(self.sink), "reconcile_grace_seconds": 3.0,
+                   "relay_takeover_seconds": 2.0}
+        self.processes = {
+            "relay": ServiceProcess(stack_settings, folder, "relay", name="relay", **options),
+            "bookings": ServiceProcess(stack_settings, folder, "consume", "bookings",
+                                       name="bookings", **options),
+            "sms": ServiceProcess(stack_settings, folder, "consume", "sms", name="sms",
+                                  **options),
+        }
+
+    def start(self) -> None:
+        for process in self.processes.values():
+            process.start()
+
+    def stop(self) -> None:
+        """Stop every process, even when one of them will not stop (then raise)."""
+        failures = []
+        for process in self.processes.values():
+            try:
+                process.stop()
+            except Exception as exc:  # reported once the others are stopped
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    def sms_lines(self) -> list[dict[str, str]]:
+        if not self.sink.exists():
+            return []
+        return [orjson.loads(line) for line in self.sink.read_text().splitlines() if line]

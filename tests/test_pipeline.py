@@ -8,13 +8,12 @@ import random
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from processes import ServiceProcess
+from processes import Pipeline
 from support import Api, Resident, release_definition
 
 from release_service import keys, topics
@@ -31,49 +30,6 @@ async def people(stack_settings, tmp_path) -> list[Resident]:
     await seed_users(stack_settings, CLAIMANTS, out, progress=False)
     rows = [orjson.loads(line) for line in out.read_text().splitlines()]
     return [Resident(r["account_id"], r["person_ids"][0], r["token"]) for r in rows]
-
-
-class Pipeline:
-    def __init__(self, stack_settings, folder: Path) -> None:
-        self.sink = folder / "sms-sink.jsonl"
-        options = {"sms_sink_path": str(self.sink), "reconcile_grace_seconds": 3.0,
-                   "relay_takeover_seconds": 2.0}
-        self.processes = {
-            "relay": ServiceProcess(stack_settings, folder, "relay", name="relay", **options),
-            "bookings": ServiceProcess(stack_settings, folder, "consume", "bookings",
-                                       name="bookings", **options),
-            "sms": ServiceProcess(stack_settings, folder, "consume", "sms", name="sms",
-                                  **options),
-        }
-
-    def start(self) -> None:
-        for process in self.processes.values():
-            process.start()
-
-    def stop(self) -> None:
-        """Stop every process, even when one of them will not stop (then raise)."""
-        failures = []
-        for process in self.processes.values():
-            try:
-                process.stop()
-            except Exception as exc:  # reported once the others are stopped
-                failures.append(exc)
-        if failures:
-            raise failures[0]
-
-    def sms_lines(self) -> list[dict]:
-        if not self.sink.exists():
-            return []
-        return [orjson.loads(line) for line in self.sink.read_text().splitlines() if line]
-
-
-@pytest.fixture
-async def pipeline(stack_settings, tmp_path):
-    running = Pipeline(stack_settings, tmp_path)
-    running.start()
-    yield running
-    running.stop()
-
 
 
 async def run_spike(api: Api, release_id: str, people: list[Resident]) -> dict[str, str]:
@@ -134,13 +90,6 @@ async def consumer_lag(settings, group: str) -> int:
         return lag
     finally:
         await group_view.stop()
-
-
-@pytest.fixture
-async def db(stack_settings):
-    pool = await asyncpg.create_pool(stack_settings.database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
 
 
 async def test_spike_becomes_exactly_500_bookings_and_sms(api, db, people, pipeline,

@@ -25,9 +25,10 @@ from ..rate_limits import RateLimits
 from ..redis_client import redis_from_url
 from ..relay import run_relay
 from ..settings import Settings
+from ..standby import StandbyList, resume_handoffs
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import accounts, bookings, claims, health, openapi, ops, releases
+from . import accounts, bookings, claims, health, openapi, ops, releases, standby
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -43,6 +44,7 @@ from .appkeys import (
     RESERVATIONS,
     SETTINGS,
     SMS,
+    STANDBY,
     TOKENS,
 )
 from .middleware import gateway_middleware
@@ -91,7 +93,13 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CANCELS] = CancelScript(redis)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
+    app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
+                               app[CATALOG], settings.standby_decline_seconds)
+    resuming = asyncio.create_task(resume_handoffs(app[STANDBY], app[CATALOG],
+                                                   settings.standby_resume_seconds))
     yield
+    resuming.cancel()
+    await asyncio.gather(resuming, return_exceptions=True)
     await app[RATE_LIMITS].drain()
     # Script calls already sent have taken stock: let them finish before Redis closes.
     await reservations.drain()
@@ -148,6 +156,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/bookings/{code}", bookings.get_booking)
     app.router.add_post("/v1/bookings/{code}/cancel", bookings.cancel_booking)
     app.router.add_post("/v1/bookings/{code}/resend-sms", bookings.resend_sms)
+    app.router.add_post("/v1/bookings/{code}/decline", bookings.decline_booking)
+    app.router.add_post("/v1/releases/{release_id}/standby", standby.join_standby)
+    app.router.add_get("/v1/releases/{release_id}/standby", standby.get_standby)
 
     app.router.add_post("/v1/admin/releases", releases.admin_create_release)
     app.router.add_get("/v1/admin/releases/{release_id}", releases.admin_get_release)

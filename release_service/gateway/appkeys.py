@@ -15,6 +15,7 @@ from ..person_script import PersonScript, Reservation, ReserveOutcome
 from ..rate_limits import RateLimits
 from ..redis_client import AnyRedis
 from ..settings import Settings
+from ..standby import StandbyList
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
 from .probes import KafkaProbe
@@ -34,3 +35,4 @@ SMS = web.AppKey("sms", DirectSms)
 OTP = web.AppKey("otp", OneTimeCodes)
 KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)
 RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
+STANDBY = web.AppKey("standby", StandbyList)

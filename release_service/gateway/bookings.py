@@ -23,6 +23,7 @@ from .appkeys import (
     REDIS,
     SETTINGS,
     SMS,
+    STANDBY,
 )
 from .auth import require_admin, resident
 from .claims import claim_body
@@ -89,9 +90,23 @@ async def get_booking(request: web.Request) -> web.Response:
 
 
 async def cancel_booking(request: web.Request) -> web.Response:
+    return await _end_booking(request, decline=False)
+
+
+async def decline_booking(request: web.Request) -> web.Response:
+    """A booking handed over from the standby list, given up within its decline window:
+    the slot goes to the next person on the list."""
+    return await _end_booking(request, decline=True)
+
+
+async def _end_booking(request: web.Request, *, decline: bool) -> web.Response:
     booking = await _own_booking(request)
     app = request.app
-    outcome = await app[CANCELS](booking.release_id, booking.claim_id, booking.account_id)
+    outcome = await app[CANCELS](booking.release_id, booking.claim_id, booking.account_id,
+                                 decline=decline)
+    if outcome.status == "not_declinable":
+        raise errors.NotDeclinable("only a booking from the standby list can be declined, "
+                                   "within its decline window")
     if outcome.status == "not_found":
         raise errors.NotFound("no booking with this code")
     if outcome.status == "already_cancelled":
@@ -104,9 +119,17 @@ async def cancel_booking(request: web.Request) -> web.Response:
                                           cancel_until=deadline)
     assert outcome.claim is not None
     await app[PERSONS_SCRIPT].release([(booking.person_id, booking.claim_id)])
-    # Stock came back: every gateway's sold-out flag must drop now, not at the next poll.
-    app[CATALOG].stock_returned(booking.release_id, booking.slot_id)
-    await app[REDIS].publish(keys.RELEASE_EVENTS_CHANNEL, booking.release_id)
+    if outcome.held_for_standby:
+        # The slot goes to the first person on the standby list; back on sale only when
+        # nobody there can take it. Left half-way, any gateway's resume finishes it.
+        handed = await app[STANDBY].hand_on(booking.release_id, booking.claim_id)
+        returned = handed.status == "returned"
+    else:
+        returned = True
+    if returned:
+        # Stock came back: every gateway's sold-out flag must drop now, not at the next poll.
+        app[CATALOG].stock_returned(booking.release_id, booking.slot_id)
+        await app[REDIS].publish(keys.RELEASE_EVENTS_CHANNEL, booking.release_id)
     cancelled = replace(booking, status="cancelled",
                         cancelled_at_ms=outcome.claim["cancelled_at_ms"])
     return web.Response(body=orjson.dumps(booking_body(request, cancelled)), content_type=JSON)

@@ -58,7 +58,7 @@ def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
     }
 
 
-def _text_field(data: dict[str, Any], name: str, required: bool) -> str:
+def text_field(data: dict[str, Any], name: str, required: bool) -> str:
     value = data.get(name)
     if value is None:
         if required:
@@ -144,8 +144,8 @@ async def post_claim(request: web.Request) -> web.Response:
         raise spent
 
     data = await read_json_object(request)
-    person_id = _text_field(data, "person_id", required=True)
-    slot_id = _text_field(data, "slot_id", required=False)
+    person_id = text_field(data, "person_id", required=True)
+    slot_id = text_field(data, "slot_id", required=False)
     grant = principal.persons.get(person_id)
     if grant is None:
         claim_result("not_your_person").inc()

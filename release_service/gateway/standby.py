@@ -1,0 +1,77 @@
+"""The standby list over HTTP: join a sold-out release's list, see one's place in it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .. import errors
+from ..releases import iso
+from .appkeys import CATALOG, SETTINGS, STANDBY
+from .auth import resident
+from .bodies import read_json_object
+from .claims import claim_body, text_field
+from .limits import limit
+
+JSON = "application/json"
+
+
+def _release_id(request: web.Request) -> str:
+    release_id = request.match_info["release_id"]
+    if request.app[CATALOG].get(release_id) is None:
+        raise errors.NotFound(f"no release {release_id}")
+    return release_id
+
+
+async def join_standby(request: web.Request) -> web.Response:
+    release_id = _release_id(request)
+    principal = resident(request)
+    await limit(request, "claims", principal.account_id, message="too many requests")
+    person_id = text_field(await read_json_object(request), "person_id", required=True)
+    grant = principal.persons.get(person_id)
+    if grant is None:
+        raise errors.NotYourPerson("this account may not book for that person")
+    place = await request.app[STANDBY].join(release_id, person_id, principal.account_id,
+                                            grant.birth, grant.sex, request["request_id"])
+    if place.status == "already_claimed":
+        raise errors.AlreadyClaimed("this person already holds a claim in this release")
+    if place.status == "not_sold_out":
+        raise errors.NotSoldOut("the release still has stock: claim a slot instead")
+    if place.status == "closed":
+        raise errors.Closed("the release is closed")
+    if place.status == "not_found":
+        raise errors.NotFound(f"no release {release_id}")
+    if place.status == "not_eligible":
+        raise errors.NotEligible(f"not eligible for this vaccine ({place.detail})",
+                                 reason=place.detail)
+    body = {"release_id": release_id, "person_id": person_id, "position": place.position,
+            "length": place.length}
+    return web.Response(status=201 if place.status == "ok" else 200,
+                        body=orjson.dumps(body), content_type=JSON)
+
+
+async def get_standby(request: web.Request) -> web.Response:
+    """The list's length; with `?person_id=` (one of the caller's persons) also its place
+    (`position` null when not on the list) and the person's claim in the release, if any
+    (with `decline_until` for a slot handed over from the list)."""
+    release_id = _release_id(request)
+    principal = resident(request)
+    await limit(request, "lookups", principal.account_id, message="too many lookups")
+    person_id = request.query.get("person_id")
+    if person_id is None:
+        length = await request.app[STANDBY].length(release_id)
+        return web.Response(body=orjson.dumps({"release_id": release_id, "length": length}),
+                            content_type=JSON)
+    if person_id not in principal.persons:
+        raise errors.NotYourPerson("this account may not book for that person")
+    place = await request.app[STANDBY].place(release_id, person_id)
+    body: dict[str, Any] = {"release_id": release_id, "person_id": person_id,
+                            "position": place.position or None, "length": place.length}
+    if place.claim is not None:
+        body["claim"] = claim_body(place.claim, request.app[SETTINGS].zone)
+        if "decline_until_ms" in place.claim:
+            body["decline_until"] = iso(place.claim["decline_until_ms"],
+                                        request.app[SETTINGS].zone)
+    return web.Response(body=orjson.dumps(body), content_type=JSON)
