@@ -57,7 +57,8 @@ SMS_RETRIED = Counter("release_sms_retried_total",
                       "SMS send attempts that failed and were retried", ["kind"])
 
 CONCURRENCY = 64  # provider calls in flight at once
-KIND_BY_TOPIC = {kafka_topics.CLAIMS: "confirmation", kafka_topics.CANCELLATIONS: "cancellation"}
+KIND_BY_TOPIC = {kafka_topics.CLAIMS: "confirmation", kafka_topics.CANCELLATIONS: "cancellation",
+                 kafka_topics.LOTTERY: "lottery_lost"}
 WEEKDAYS = "一二三四五六日"
 _MAX_FIELD = 128
 _MAX_ERROR = 500
@@ -66,7 +67,7 @@ _MAX_ERROR = 500
 @dataclass(frozen=True, slots=True)
 class SmsJob:
     claim_id: str
-    kind: str  # "confirmation" or "cancellation"
+    kind: str  # "confirmation", "cancellation" or "lottery_lost" (no code, no slot)
     code: str
     release_id: str
     slot_id: str
@@ -91,7 +92,7 @@ class SmsContext:
     dose: int
     clinic_id: str
     department: str
-    starts_at: datetime
+    starts_at: datetime | None  # None: a lottery notice, which names no slot
 
 
 def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
@@ -99,14 +100,18 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
     if kind is None:
         raise InvalidMessage(f"no SMS for topic {record.topic}")
     data = json_object(record)
-    values: dict[str, str] = {}
-    for name in ("claim_id", "code", "release_id", "slot_id", "account_id"):
+    # A lottery notice names no booking: no code, no slot.
+    booked = kind != "lottery_lost"
+    names = ("claim_id", "code", "release_id", "slot_id", "account_id") if booked else (
+        "claim_id", "release_id", "account_id")
+    values = {"code": "", "slot_id": ""}
+    for name in names:
         value = data.get(name)
         if not isinstance(value, str) or not value or len(value) > _MAX_FIELD:
             raise InvalidMessage(f"{name} must be a non-empty string")
         values[name] = value
     code = values["code"]
-    if not (len(code) == 8 and code.isascii() and code.isdigit()):
+    if booked and not (len(code) == 8 and code.isascii() and code.isdigit()):
         raise InvalidMessage("code must be 8 digits")
     decline_until_ms = 0
     if kind == "confirmation" and data.get("via") == "standby":
@@ -120,10 +125,13 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
 
 def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
     """The message text, the slot's time in the clinic's zone (`settings.zone`)."""
-    at = context.starts_at.astimezone(zone)
-    when = f"{at.month}月{at.day}日 {at:%H:%M}（周{WEEKDAYS[at.weekday()]}）"
     place = f"{context.clinic_id}{context.department}"
     vaccine = f"{context.vaccine}第{context.dose}剂"
+    if job.kind == "lottery_lost" or context.starts_at is None:
+        return (f"【疫苗预约】很遗憾，您在{place}登记的{vaccine}摇号未中签。"
+                "摇号种子与结果已公布，可查验。")
+    at = context.starts_at.astimezone(zone)
+    when = f"{at.month}月{at.day}日 {at:%H:%M}（周{WEEKDAYS[at.weekday()]}）"
     if job.kind == "confirmation" and job.decline_until_ms:
         until = datetime.fromtimestamp(job.decline_until_ms / 1000, zone)
         return (f"【疫苗预约】候补成功：已为您预约{vaccine}：{place}，{when}，"
@@ -137,7 +145,7 @@ def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
 
 
 _CONTEXT = """
-SELECT c.claim_id, a.phone, r.vaccine, r.dose, r.clinic_id, r.department, s.starts_at
+SELECT c.claim_id, c.slot_id, a.phone, r.vaccine, r.dose, r.clinic_id, r.department, s.starts_at
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
      AS c(claim_id, account_id, release_id, slot_id)
 LEFT JOIN accounts a ON a.account_id = c.account_id
@@ -158,7 +166,8 @@ async def load_contexts(pool: asyncpg.Pool, jobs: Sequence[SmsJob]) -> dict[str,
         r["claim_id"]: SmsContext(r["phone"], r["vaccine"], r["dose"], r["clinic_id"],
                                   r["department"], r["starts_at"])
         for r in rows
-        if r["phone"] and r["vaccine"] is not None and r["starts_at"] is not None
+        if r["phone"] and r["vaccine"] is not None
+        and (r["starts_at"] is not None or r["slot_id"] == "")
     }
 
 
@@ -220,7 +229,7 @@ def _limiter(rate_per_second: float) -> AsyncLimiter:
 
 class SmsProcessor:
     group_id: str = "sms"
-    topics: tuple[str, ...] = (kafka_topics.CLAIMS, kafka_topics.CANCELLATIONS)
+    topics: tuple[str, ...] = tuple(KIND_BY_TOPIC)
     dead_letter_topic: str = kafka_topics.SMS_DEAD_LETTER
 
     decode = staticmethod(decode)

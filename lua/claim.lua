@@ -23,7 +23,8 @@ ARGV:
               idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
               day (YYYYMMDD: any slot on that visit day only; "" = any day)
               mode ("claim"; "replay": only answer an idempotent replay; "standby": take
-                    a slot cancel.lua held for the standby list, window not checked)
+                    a slot cancel.lua held for the standby list, window not checked;
+                    "draw": a lottery winner, after the entry window, so not checked)
               request_id (carried in the claim and its event, for tracing)
               limits ("key_index,limit,window_ms" entries joined by " "; "" = none)
               decline_ms (mode "standby": how long the person may decline; "" otherwise)
@@ -145,7 +146,11 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   if mode == 'replay' then return 'no_replay', '' end
   local refused = over_limit(limits)
   if refused then return 'rate_limited', refused end
-  if window ~= 'open' and not standby then return window, window_arg end
+  if mode == 'draw' then
+    if state == 'closed' or state == 'paused' then return state, '' end  -- by an operator
+  elseif window ~= 'open' and not standby then
+    return window, window_arg
+  end
   local held = redis.call('HGET', holders, person_id)
   if held then return 'already_claimed', redis.call('HGET', claims, held) end
   if need_sex ~= '' and sex ~= need_sex then return 'not_eligible', 'sex' end

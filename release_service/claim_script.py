@@ -41,6 +41,7 @@ class ClaimRequest:
     limits: tuple[ClaimLimit, ...] = ()
     # Set: book a slot held for the standby list; the person may decline for this long.
     standby_decline_ms: int | None = None
+    drawn: bool = False  # a lottery winner: booked after the entry window closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,8 @@ class ClaimScript:
 def _mode(request: ClaimRequest) -> str:
     if request.replay_only:
         return "replay"
+    if request.drawn:
+        return "draw"
     return "claim" if request.standby_decline_ms is None else "standby"
 
 

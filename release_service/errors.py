@@ -68,6 +68,13 @@ NotDeclinable = _error("NotDeclinable", 409, "not_declinable",
                        "Only a standby booking can be declined, within its window")
 NotSoldOut = _error("NotSoldOut", 409, "not_sold_out",
                     "The release still has stock: claim a slot instead")
+LotteryRelease = _error("LotteryRelease", 409, "lottery_release",
+                        "This release is drawn by lottery: enter the lottery instead")
+NotLottery = _error("NotLottery", 409, "not_lottery", "This release has no lottery")
+EntriesOpen = _error("EntriesOpen", 409, "entries_open",
+                     "Lottery entries are open until the draw time")
+DrawInProgress = _error("DrawInProgress", 409, "draw_in_progress",
+                        "Another process is drawing this lottery")
 PhoneLimit = _error("PhoneLimit", 409, "phone_limit", "This phone backs enough users")
 PersonLimit = _error("PersonLimit", 409, "person_limit", "The account has enough persons")
 HasActiveBooking = _error("HasActiveBooking", 409, "has_active_booking",

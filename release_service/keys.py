@@ -96,6 +96,28 @@ def handoffs_key(release_id: str) -> str:
     return _rel(release_id, "handoffs")
 
 
+def lottery_entries_key(release_id: str) -> str:
+    """List of "person_id|account_id|birth|sex": lottery entries in the order accepted;
+    entry number = index + 1. Lifetime: release."""
+    return _rel(release_id, "lottery:entries")
+
+
+def lottery_people_key(release_id: str) -> str:
+    """Hash person_id -> entry number: one entry per person."""
+    return _rel(release_id, "lottery:people")
+
+
+def lottery_result_key(release_id: str) -> str:
+    """Hash: seed, entries, algorithm, drawn_at_ms, state (drawing, notifying, drawn),
+    winners and skipped (JSON). Written once by the draw; the published result."""
+    return _rel(release_id, "lottery:result")
+
+
+def lottery_lock_key(release_id: str) -> str:
+    """String with a time-out: the one process drawing this release's lottery."""
+    return _rel(release_id, "lottery:lock")
+
+
 # Person keys: hash tag {person_id}, the person's own Cluster slot (limits across releases).
 
 

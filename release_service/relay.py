@@ -42,6 +42,7 @@ ACTIVE_AFTER_CLOSE_MS = 7 * 24 * 3600 * 1000
 TOPIC_BY_TYPE = {
     "claim.confirmed": topics.CLAIMS,
     "claim.cancelled": topics.CANCELLATIONS,
+    "lottery.lost": topics.LOTTERY,
 }
 
 OUTBOX_LENGTH = Gauge("release_outbox_length", "Entries in a release's outbox stream",

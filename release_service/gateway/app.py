@@ -19,6 +19,7 @@ from ..catalog import ReleaseCatalog
 from ..claim_script import ClaimScript
 from ..db import connect_pool
 from ..direct_sms import DirectSms
+from ..lottery import Lottery, draw_when_due
 from ..metrics import watch_event_loop
 from ..person_script import Limits, PersonScript
 from ..rate_limits import RateLimits
@@ -28,7 +29,7 @@ from ..settings import Settings
 from ..standby import StandbyList, resume_handoffs
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import accounts, bookings, claims, health, openapi, ops, releases, standby
+from . import accounts, bookings, claims, health, lottery, openapi, ops, releases, standby
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -36,6 +37,7 @@ from .appkeys import (
     CLAIMS,
     DATABASE,
     KAFKA_PROBE,
+    LOTTERY,
     OTP,
     PERSONS_SCRIPT,
     RATE_LIMITS,
@@ -95,11 +97,17 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RATE_LIMITS] = RateLimits(redis, settings)
     app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
                                app[CATALOG], settings.standby_decline_seconds)
-    resuming = asyncio.create_task(resume_handoffs(app[STANDBY], app[CATALOG],
-                                                   settings.standby_resume_seconds))
+    app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,
+                           app[CATALOG])
+    background = [
+        asyncio.create_task(resume_handoffs(app[STANDBY], app[CATALOG],
+                                            settings.standby_resume_seconds)),
+        asyncio.create_task(draw_when_due(app[LOTTERY], app[CATALOG])),
+    ]
     yield
-    resuming.cancel()
-    await asyncio.gather(resuming, return_exceptions=True)
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     await app[RATE_LIMITS].drain()
     # Script calls already sent have taken stock: let them finish before Redis closes.
     await reservations.drain()
@@ -159,6 +167,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/bookings/{code}/decline", bookings.decline_booking)
     app.router.add_post("/v1/releases/{release_id}/standby", standby.join_standby)
     app.router.add_get("/v1/releases/{release_id}/standby", standby.get_standby)
+    app.router.add_post("/v1/releases/{release_id}/lottery/entries", lottery.enter)
+    app.router.add_get("/v1/releases/{release_id}/lottery", lottery.result)
+    app.router.add_post("/v1/admin/releases/{release_id}/lottery/draw", lottery.admin_draw)
 
     app.router.add_post("/v1/admin/releases", releases.admin_create_release)
     app.router.add_get("/v1/admin/releases/{release_id}", releases.admin_get_release)

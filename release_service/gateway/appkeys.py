@@ -11,6 +11,7 @@ from ..cancel_script import CancelScript
 from ..catalog import ReleaseCatalog
 from ..claim_script import ClaimOutcome, ClaimRequest
 from ..direct_sms import DirectSms
+from ..lottery import Lottery
 from ..person_script import PersonScript, Reservation, ReserveOutcome
 from ..rate_limits import RateLimits
 from ..redis_client import AnyRedis
@@ -36,3 +37,4 @@ OTP = web.AppKey("otp", OneTimeCodes)
 KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)
 RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 STANDBY = web.AppKey("standby", StandbyList)
+LOTTERY = web.AppKey("lottery", Lottery)

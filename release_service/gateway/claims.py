@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .. import errors
 from ..claim_script import ClaimOutcome, ClaimRequest
+from ..lottery import is_lottery
 from ..metrics import claim_result
 from ..person_script import Reservation, ReserveOutcome
 from ..releases import add_code_block
@@ -124,6 +125,11 @@ async def post_claim(request: web.Request) -> web.Response:
     if view is None:
         claim_result("not_found").inc()
         raise errors.NotFound(f"no release {release_id}")
+    if is_lottery(view):
+        claim_result("lottery_release").inc()
+        raise errors.LotteryRelease(
+            f"release {release_id} is drawn by lottery: enter at "
+            f"/v1/releases/{release_id}/lottery/entries")
     # A keyed request may be the retry of a claim that already won: only the script can
     # tell, so it is never refused locally.
     if not idempotency_key:

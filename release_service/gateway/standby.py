@@ -9,10 +9,10 @@ from aiohttp import web
 
 from .. import errors
 from ..releases import iso
+from .acting_person import acting_person
 from .appkeys import CATALOG, SETTINGS, STANDBY
 from .auth import resident
-from .bodies import read_json_object
-from .claims import claim_body, text_field
+from .claims import claim_body
 from .limits import limit
 
 JSON = "application/json"
@@ -27,12 +27,7 @@ def _release_id(request: web.Request) -> str:
 
 async def join_standby(request: web.Request) -> web.Response:
     release_id = _release_id(request)
-    principal = resident(request)
-    await limit(request, "claims", principal.account_id, message="too many requests")
-    person_id = text_field(await read_json_object(request), "person_id", required=True)
-    grant = principal.persons.get(person_id)
-    if grant is None:
-        raise errors.NotYourPerson("this account may not book for that person")
+    principal, person_id, grant = await acting_person(request)
     place = await request.app[STANDBY].join(release_id, person_id, principal.account_id,
                                             grant.birth, grant.sex, request["request_id"])
     if place.status == "already_claimed":

@@ -1,0 +1,296 @@
+"""Lottery releases: entries during the window, one draw at the draw time (`closes_at`).
+
+The draw runs in one process at a time (a lock under the release's hash tag), records its
+seed before anything else, books winners through claim.lua (mode "draw": the same atomic
+claim, outbox event, booking row and SMS as any claim) and tells everybody else by SMS
+through the outbox (`lottery.lost` events). A draw that dies half-way is run again by the
+next caller with the recorded seed, so the same order and the same winners: claims are
+keyed by entry, a winner already booked is found booked, and a repeated loser event is one
+SMS (the consumer keeps one message per event id and kind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from . import keys
+from .catalog import ReleaseCatalog, ReleaseView
+from .claim_script import ClaimRequest, ClaimScript
+from .lottery_draw import DRAW_ALGORITHM, draw_order, new_seed
+from .lua import lua_source
+from .person_script import PersonScript, Reservation
+from .redis_client import AnyRedis
+
+log = logging.getLogger(__name__)
+
+LOTTERY_EVENT = "lottery.lost"
+LOCK_MS = 120_000  # far above a 1,000,000-entry draw; renewed per chunk of winners
+CHUNK = 500  # winners claimed per script call
+NOTICE_BATCH = 5000  # loser events appended per pipeline
+READ_BATCH = 100_000
+
+LOTTERY_ENTRIES = Counter("release_lottery_entries_total", "Lottery entries accepted")
+LOTTERY_DRAWS = Counter("release_lottery_draws_total", "Lottery draws completed")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    number: int  # from 1, in the order entries were accepted
+    person_id: str
+    account_id: str
+    birth: int
+    sex: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnterOutcome:
+    status: str  # ok, already_entered, not_open, closed, paused, not_found, not_eligible
+    number: int = 0
+    detail: str = ""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(number: int, raw: bytes) -> Entry:
+    person_id, account_id, birth, sex = raw.decode().split("|")
+    return Entry(number, person_id, account_id, int(birth), sex)
+
+
+def entry_claim_id(release_id: str, seed: int, number: int) -> str:
+    """The claim id of an entry's booking: the same when a draw is run again."""
+    return hashlib.blake2b(f"{release_id}|{seed}|{number}".encode(), digest_size=12).hexdigest()
+
+
+def loser_event(release_id: str, entry: Entry) -> bytes:
+    """What the SMS consumer needs to tell a person the draw did not pick them; `claim_id`
+    names the message (one per entry)."""
+    return orjson.dumps({"claim_id": f"lottery-{release_id}-{entry.number}",
+                         "release_id": release_id, "person_id": entry.person_id,
+                         "account_id": entry.account_id, "entry": entry.number})
+
+
+class Lottery:
+    def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
+                 catalog: ReleaseCatalog) -> None:
+        self._redis = redis
+        self._enter = redis.register_script(lua_source("lottery_enter.lua"))
+        self._claims = claims
+        self._persons = persons
+        self._catalog = catalog
+
+    async def enter(self, release_id: str, person_id: str, account_id: str, birth: int,
+                    sex: str) -> EnterOutcome:
+        status, detail = await self._enter(keys=[
+            keys.meta_key(release_id), keys.slot_day_key(release_id),
+            keys.lottery_entries_key(release_id), keys.lottery_people_key(release_id),
+            keys.lottery_result_key(release_id),
+        ], args=[person_id, account_id, birth, sex])
+        status, detail = _text(status), _text(detail)
+        if status == "ok":
+            LOTTERY_ENTRIES.inc()
+        if status in ("ok", "already_entered"):
+            return EnterOutcome(status, int(detail))
+        return EnterOutcome(status, detail=detail)
+
+    async def entry_number(self, release_id: str, person_id: str) -> int | None:
+        number = await self._redis.hget(keys.lottery_people_key(release_id), person_id)
+        return int(number) if number is not None else None
+
+    async def result(self, release_id: str) -> dict[str, Any]:
+        """The published result: state, entries, and once drawn the seed and winners."""
+        stored = {_text(k): _text(v) for k, v in
+                  (await self._redis.hgetall(keys.lottery_result_key(release_id))).items()}
+        entries = int(stored.get("entries") or
+                      await self._redis.llen(keys.lottery_entries_key(release_id)))
+        body: dict[str, Any] = {"release_id": release_id, "entries": entries,
+                                "state": stored.get("state", "open")}
+        if stored.get("state") == "drawn":
+            body.update({
+                "seed": stored["seed"], "algorithm": stored["algorithm"],
+                "drawn_at_ms": int(stored["drawn_at_ms"]),
+                "winners": orjson.loads(stored["winners"]),
+                "skipped": orjson.loads(stored["skipped"]),
+            })
+        return body
+
+    async def draw(self, release_id: str, *, seed: int | None = None) -> dict[str, Any] | None:
+        """Draw unless drawn; None when another process holds the draw's lock."""
+        lock = keys.lottery_lock_key(release_id)
+        token = os.urandom(8).hex()
+        if not await self._redis.set(lock, token, nx=True, px=LOCK_MS):
+            return None
+        try:
+            await self._draw_locked(release_id, seed, lock, token)
+        finally:
+            # Only our own lock: compare-and-delete would need a script; the lock's
+            # time-out covers a lock taken over after ours expired.
+            if _text(await self._redis.get(lock) or b"") == token:
+                await self._redis.delete(lock)
+        return await self.result(release_id)
+
+    async def _draw_locked(self, release_id: str, seed: int | None, lock: str,
+                           token: str) -> None:
+        result_key = keys.lottery_result_key(release_id)
+        entries_key = keys.lottery_entries_key(release_id)
+        # The seed and the entry count are recorded first, once: a draw run again after
+        # a crash repeats the same draw.
+        await self._redis.hsetnx(result_key, "seed", str(new_seed() if seed is None else seed))
+        await self._redis.hsetnx(result_key, "entries", await self._redis.llen(entries_key))
+        recorded = {_text(k): _text(v) for k, v in (await self._redis.hgetall(result_key)).items()}
+        if recorded.get("state") == "drawn":
+            return
+        await self._redis.hset(result_key, mapping={"algorithm": DRAW_ALGORITHM,
+                                                    "state": "drawing"})
+        recorded_seed, count = int(recorded["seed"]), int(recorded["entries"])
+        started = time.perf_counter()
+        raw: list[bytes] = []
+        for start in range(0, count, READ_BATCH):
+            raw += [v if isinstance(v, bytes) else v.encode() for v in await
+                    self._redis.lrange(entries_key, start, min(count, start + READ_BATCH) - 1)]
+        order = draw_order(count, recorded_seed)
+        winners, skipped = await self._book_winners(release_id, recorded_seed, order, raw,
+                                                    lock, token)
+        await self._redis.hset(result_key, mapping={
+            "winners": orjson.dumps(winners), "skipped": orjson.dumps(skipped),
+            "drawn_at_ms": int(time.time() * 1000), "state": "notifying"})
+        won = set(winners)
+        pipe = self._redis.pipeline(transaction=False)
+        queued = 0
+        outbox = keys.outbox_key(release_id)
+        for number in range(1, count + 1):
+            if number in won:
+                continue
+            pipe.xadd(outbox, {"type": LOTTERY_EVENT,
+                               "e": loser_event(release_id, _entry(number, raw[number - 1]))})
+            queued += 1
+            if queued == NOTICE_BATCH:
+                await pipe.execute()
+                queued = 0
+        if queued:
+            await pipe.execute()
+        await self._redis.hset(result_key, "state", "drawn")
+        LOTTERY_DRAWS.inc()
+        log.info("lottery %s drawn: %d entries, %d winners, %.2f s", release_id, count,
+                 len(winners), time.perf_counter() - started)
+
+    async def _book_winners(self, release_id: str, seed: int, order: list[int],
+                            raw: list[bytes], lock: str, token: str
+                            ) -> tuple[list[int], list[dict[str, Any]]]:
+        """Book from the front of the order until the stock is gone. Progress is recorded
+        per chunk, so a draw run again goes on where it stopped (the chunk in flight is
+        repeated: its claims are found made)."""
+        view = self._catalog.get(release_id)
+        if view is None:
+            raise LookupError(f"release {release_id} is not served")
+        result_key = keys.lottery_result_key(release_id)
+        progress = await self._redis.hmget(result_key, "cursor", "winners", "skipped")
+        cursor = int(progress[0] or 0)
+        winners: list[int] = orjson.loads(progress[1] or b"[]")
+        skipped: list[dict[str, Any]] = orjson.loads(progress[2] or b"[]")
+        while cursor < len(order):
+            free = await self._free_slots(release_id, view)
+            if not free:
+                break
+            chunk = [_entry(n, raw[n - 1]) for n in order[cursor:cursor + min(CHUNK, len(free))]]
+            booked = await self._book(release_id, seed, view, chunk, free)
+            done = 0
+            for entry, outcome in booked:
+                if outcome == "sold_out":
+                    break  # stock moved under us: this entry and the rest, again
+                done += 1
+                if outcome == "ok":
+                    winners.append(entry.number)
+                else:
+                    skipped.append({"entry": entry.number, "reason": outcome})
+            cursor += done
+            if _text(await self._redis.get(lock) or b"") != token:
+                raise RuntimeError("the draw's lock was lost")
+            await self._redis.pexpire(lock, LOCK_MS)
+            await self._redis.hset(result_key, mapping={
+                "cursor": cursor, "winners": orjson.dumps(winners),
+                "skipped": orjson.dumps(skipped)})
+        return winners, skipped
+
+    async def _free_slots(self, release_id: str, view: ReleaseView) -> list[str]:
+        """One slot id per unit of stock left, slots in the release's order."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(keys.capacity_key(release_id))
+        pipe.hgetall(keys.taken_key(release_id))
+        capacity, taken = await pipe.execute()
+        free: list[str] = []
+        for slot in view.document["slots"]:
+            sid = slot["slot_id"]
+            left = int(capacity.get(sid.encode(), 0)) - int(taken.get(sid.encode(), 0))
+            free += [sid] * max(0, left)
+        return free
+
+    async def _book(self, release_id: str, seed: int, view: ReleaseView, chunk: list[Entry],
+                    free: list[str]) -> list[tuple[Entry, str]]:
+        """Reserve limits, then claim, for a chunk of winners: (entry, outcome) each."""
+        doc = view.document
+        day_of = {s["slot_id"]: str(s["visit_day"]) for s in doc["slots"]}
+        planned = [(entry, free[i], entry_claim_id(release_id, seed, entry.number))
+                   for i, entry in enumerate(chunk)]
+        # A draw run again finds its own reservations (same claim ids).
+        pipe = self._redis.pipeline(transaction=False)
+        for entry, _, claim_id in planned:
+            pipe.hexists(keys.person_active_key(entry.person_id), claim_id)
+        held = await pipe.execute()
+        reserve = [Reservation(claim_id, entry.person_id, release_id, day_of[slot_id],
+                               doc["clinic_id"], doc["department"], view.limits)
+                   for (entry, slot_id, claim_id), h in zip(planned, held, strict=True)
+                   if not h]
+        reserved = iter(await self._persons.reserve("", reserve) if reserve else [])
+        outcomes: dict[str, str] = {}
+        for (_, _, claim_id), h in zip(planned, held, strict=True):
+            outcomes[claim_id] = "ok" if h else next(reserved).status
+        requests = [ClaimRequest(claim_id=claim_id, account_id=e.account_id,
+                                 person_id=e.person_id, slot_id=slot_id, idempotency_key="",
+                                 birth=e.birth, sex=e.sex, drawn=True)
+                    for e, slot_id, claim_id in planned if outcomes[claim_id] == "ok"]
+        claimed = await self._claims(release_id, requests) if requests else []
+        for request, result in zip(requests, claimed, strict=True):
+            own = result.claim is not None and result.claim["claim_id"] == request.claim_id
+            outcomes[request.claim_id] = "ok" if own else result.status
+        refused = [(e.person_id, claim_id) for e, _, claim_id in planned
+                   if outcomes[claim_id] != "ok"]
+        await self._persons.release(refused)
+        return [(e, outcomes[claim_id]) for e, _, claim_id in planned]
+
+
+def is_lottery(view: ReleaseView) -> bool:
+    return view.document.get("mode") == "lottery"
+
+
+async def draw_when_due(lottery: Lottery, catalog: ReleaseCatalog,
+                        interval_seconds: float = 1.0) -> None:
+    """Run in every gateway: draw each lottery release whose draw time (`closes_at`) has
+    come. The draw's lock lets one process draw; the others find it drawn."""
+    drawn: set[str] = set()
+    while True:
+        await asyncio.sleep(interval_seconds)
+        now = catalog.now_ms()
+        for release_id in catalog.release_ids():
+            view = catalog.get(release_id)
+            if view is None or release_id in drawn or not is_lottery(view) \
+                    or now < view.closes_ms or view.state == "closed":
+                continue
+            try:
+                result = await lottery.draw(release_id)
+            except (RedisError, LookupError, RuntimeError) as exc:
+                log.warning("lottery %s not drawn yet: %s", release_id, exc)
+                continue
+            if result is not None and result["state"] == "drawn":
+                drawn.add(release_id)
