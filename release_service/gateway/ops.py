@@ -46,7 +46,9 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
     pipe = app[REDIS].pipeline(transaction=False)
     for view in releases:
         pipe.xlen(keys.outbox_key(view.release_id))
-    outbox = await pipe.execute() if releases else []
+        pipe.zcard(keys.standby_key(view.release_id))
+    lengths = await pipe.execute() if releases else []
+    outbox, standby = lengths[0::2], lengths[1::2]
     rows = await app[DATABASE].fetch(
         """SELECT b.release_id, count(*) AS bookings,
                   count(s.claim_id) FILTER (WHERE s.status = 'sent') AS sms_sent
@@ -70,6 +72,7 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
                        "remaining": v.remaining_by_slot.get(s["slot_id"], 0)}
                       for s in v.document["slots"]],
             "outbox": outbox[i],
+            "standby": standby[i],
             "bookings": persisted.get(v.release_id, (0, 0))[0],
             "sms_sent": persisted.get(v.release_id, (0, 0))[1],
         } for i, v in enumerate(releases) if v.status(now) != "closed"
