@@ -118,6 +118,30 @@ SCHEMAS: dict[str, Any] = {
                        "cancelled": _COUNT, "outbox_length": _COUNT, "as_of": _TIME,
                        "slots": {"type": "array", "items": _slot("claimed", "cancelled")}},
     },
+    "StandbyPlace": {
+        "type": "object", "required": ["release_id", "length"],
+        "properties": {"release_id": {"type": "string"}, "person_id": {"type": "string"},
+                       "position": {"type": ["integer", "null"]},
+                       "length": {"type": "integer"}, "claim": _ref("Claim"),
+                       "decline_until": _TIME},
+    },
+    "LotteryEntry": {
+        "type": "object", "required": ["release_id", "person_id", "entry", "draw_at"],
+        "properties": {"release_id": {"type": "string"}, "person_id": {"type": "string"},
+                       "entry": {"type": "integer", "minimum": 1}, "draw_at": _TIME},
+    },
+    "LotteryResult": {
+        "type": "object", "required": ["release_id", "entries", "state", "draw_at"],
+        "properties": {
+            "release_id": {"type": "string"}, "entries": {"type": "integer"},
+            "state": {"enum": ["open", "drawing", "notifying", "drawn"]}, "draw_at": _TIME,
+            "seed": {"type": "string", "pattern": "^[0-9]+$"},
+            "algorithm": {"type": "string"}, "drawn_at_ms": {"type": "integer"},
+            "winners": {"type": "array", "items": {"type": "integer"}},
+            "skipped": {"type": "array", "items": {"type": "object",
+                                                   "required": ["entry", "reason"]}},
+        },
+    },
     "Account": {
         "type": "object", "required": ["account_id", "token", "persons"],
         "properties": {"account_id": {"type": "string"}, "token": {"type": "string"},
@@ -193,6 +217,7 @@ _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "schema": {"type": "string", "maxLength": 128}}
 _BOOKING_ERRORS = (404, 429)
+_PERSON_QUERY = {"name": "person_id", "in": "query", "required": False, "schema": _ID}
 
 PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {"get": _op("The process is alive", {200: {"type": "object"}})},
@@ -248,6 +273,29 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/bookings/{code}/resend-sms": {"post": _op(
         "Send the booking's SMS again", {202: _obj(["code", "resent"])},
         (*_BOOKING_ERRORS, 409), auth="resident", params=("code",))},
+    "/v1/bookings/{code}/decline": {"post": _op(
+        "Give up a slot handed over from the standby list, within its window",
+        {200: _ref("Booking")}, (*_BOOKING_ERRORS, 409), auth="resident", params=("code",))},
+    "/v1/releases/{release_id}/standby": {
+        "post": _op("Join a sold-out release's standby list", {
+            200: _ref("StandbyPlace"), 201: _ref("StandbyPlace")},
+            (403, 404, 409, 410, 413, 415, 422, 429), auth="resident",
+            params=("release_id",), body=_obj(["person_id"], person_id=_ID)),
+        "get": _op("The standby list's length, and a person's place on it",
+                   {200: _ref("StandbyPlace")}, (403, 404, 429), auth="resident",
+                   params=("release_id",), headers=(_PERSON_QUERY,)),
+    },
+    "/v1/releases/{release_id}/lottery/entries": {"post": _op(
+        "Enter a person in a lottery release's draw", {
+            200: _ref("LotteryEntry"), 201: _ref("LotteryEntry")},
+        (403, 404, 409, 410, 413, 415, 422, 425, 429), auth="resident",
+        params=("release_id",), body=_obj(["person_id"], person_id=_ID))},
+    "/v1/releases/{release_id}/lottery": {"get": _op(
+        "The lottery's state; once drawn its seed, algorithm and winners",
+        {200: _ref("LotteryResult")}, (404, 409), params=("release_id",))},
+    "/v1/admin/releases/{release_id}/lottery/draw": {"post": _op(
+        "Draw the lottery now (at or after its draw time)", {200: _ref("LotteryResult")},
+        (404, 409), auth="admin", params=("release_id",))},
     "/v1/admin/releases": {"post": _op(
         "Create a release and preheat its stock", {201: _ref("AdminRelease")},
         (409, 422), auth="admin", body=_ref("ReleaseDefinition"),
