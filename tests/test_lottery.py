@@ -10,14 +10,14 @@ import time
 from collections import Counter
 
 import orjson
-from support import Resident, release_definition
+from support import Resident, release_definition, residents
 
 from release_service import keys
 from release_service.catalog import ReleaseCatalog
-from release_service.claim_script import ClaimScript
-from release_service.lottery import Lottery
+from release_service.claim_script import ClaimRequest, ClaimScript
+from release_service.lottery import Lottery, entry_claim_id
 from release_service.lottery_draw import DRAW_ALGORITHM, draw_order
-from release_service.person_script import PersonScript
+from release_service.person_script import PersonScript, Reservation
 from release_service.seed import seed_users
 
 SETTLE_SECONDS = 60
@@ -95,3 +95,42 @@ async def test_winners_are_booked_and_the_rest_told_by_sms(api, db, pipeline, re
     told = Counter(line["phone"] for line in lines if "未中签" in line["text"])
     losers = [p for n, p in enumerate(people, 1) if n not in result["winners"]]
     assert told == Counter(phones[p.account_id] for p in losers)
+
+
+async def test_a_draw_run_again_after_a_crash_repeats_itself(api, redis, stack_settings):
+    """A draw that died after recording its seed and booking its first winner: the next
+    run keeps the seed, finds that booking made, and books no one twice."""
+    people = residents(stack_settings, 10)
+    rid = (await api.create_release(release_definition([3], closes_in=2)))["release_id"]
+    catalog = ReleaseCatalog(redis, 1.0)
+    await catalog.refresh()
+    claims, persons = ClaimScript(redis, stack_settings.code_secret), PersonScript(redis)
+    lottery = Lottery(redis, claims, persons, catalog)
+    for p in people:
+        assert (await lottery.enter(rid, p.person_id, p.account_id, 19950101, "F")).number
+    while catalog.now_ms() < catalog.get(rid).closes_ms:  # type: ignore[union-attr]
+        await asyncio.sleep(0.1)
+
+    seed = 99
+    first = verify(10, seed)[0]
+    await redis.hset(keys.lottery_result_key(rid),
+                     mapping={"seed": seed, "entries": 10, "state": "drawing"})
+    claim_id = entry_claim_id(rid, seed, first)
+    winner = people[first - 1]
+    view = catalog.get(rid)
+    assert view is not None
+    [reserved] = await persons.reserve("", [Reservation(
+        claim_id, winner.person_id, rid, view.visit_day("s0") or "", "cd-wuhou-01",
+        "vaccination", view.limits)])
+    [claimed] = await claims(rid, [ClaimRequest(
+        claim_id, winner.account_id, winner.person_id, "s0", "", 19950101, "F", drawn=True)])
+    assert reserved.status == "ok" and claimed.status == "ok"
+
+    result = await lottery.draw(rid, seed=12345)  # a new seed is not taken
+    assert result is not None and result["seed"] == "99"
+    assert result["winners"] == verify(10, seed)[:3]
+    holders = await redis.hgetall(keys.holders_key(rid))
+    assert holders[winner.person_id.encode()] == claim_id.encode()
+    assert len(holders) == 3 and await redis.hget(keys.taken_key(rid), "s0") == b"3"
+    kinds = Counter(fields[b"type"] for _, fields in await redis.xrange(keys.outbox_key(rid)))
+    assert kinds == {b"claim.confirmed": 3, b"lottery.lost": 7}
