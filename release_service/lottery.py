@@ -3,10 +3,11 @@
 The draw runs in one process at a time (a lock under the release's hash tag), records its
 seed before anything else, books winners through claim.lua (mode "draw": the same atomic
 claim, outbox event, booking row and SMS as any claim) and tells everybody else by SMS
-through the outbox (`lottery.lost` events). A draw that dies half-way is run again by the
-next caller with the recorded seed, so the same order and the same winners: claims are
-keyed by entry, a winner already booked is found booked, and a repeated loser event is one
-SMS (the consumer keeps one message per event id and kind).
+through the outbox (`lottery.lost` events, built in Redis by `lua/lottery_notify.lua`).
+A draw that dies half-way is run again by the next caller with the recorded seed and
+progress, so the same order and the same winners: claims are keyed by entry, a winner
+already booked is found booked, and a repeated loser event is one SMS (the consumer keeps
+one message per event id and kind).
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from .redis_client import AnyRedis
 
 log = logging.getLogger(__name__)
 
-LOTTERY_EVENT = "lottery.lost"
 LOCK_MS = 120_000  # far above a 1,000,000-entry draw; renewed per chunk of winners
 CHUNK = 500  # winners claimed per script call
-NOTICE_BATCH = 5000  # loser events appended per pipeline
+NOTICE_BATCH = 2000  # loser events per script call: a few milliseconds of Redis each
 READ_BATCH = 100_000
 
 LOTTERY_ENTRIES = Counter("release_lottery_entries_total", "Lottery entries accepted")
@@ -73,19 +73,12 @@ def entry_claim_id(release_id: str, seed: int, number: int) -> str:
     return hashlib.blake2b(f"{release_id}|{seed}|{number}".encode(), digest_size=12).hexdigest()
 
 
-def loser_event(release_id: str, entry: Entry) -> bytes:
-    """What the SMS consumer needs to tell a person the draw did not pick them; `claim_id`
-    names the message (one per entry)."""
-    return orjson.dumps({"claim_id": f"lottery-{release_id}-{entry.number}",
-                         "release_id": release_id, "person_id": entry.person_id,
-                         "account_id": entry.account_id, "entry": entry.number})
-
-
 class Lottery:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
                  catalog: ReleaseCatalog) -> None:
         self._redis = redis
         self._enter = redis.register_script(lua_source("lottery_enter.lua"))
+        self._notify = redis.register_script(lua_source("lottery_notify.lua"))
         self._claims = claims
         self._persons = persons
         self._catalog = catalog
@@ -116,7 +109,7 @@ class Lottery:
                       await self._redis.llen(keys.lottery_entries_key(release_id)))
         body: dict[str, Any] = {"release_id": release_id, "entries": entries,
                                 "state": stored.get("state", "open")}
-        if stored.get("state") == "drawn":
+        if stored.get("state") in ("notifying", "drawn"):  # winners final, SMS on their way
             body.update({
                 "seed": stored["seed"], "algorithm": stored["algorithm"],
                 "drawn_at_ms": int(stored["drawn_at_ms"]),
@@ -160,30 +153,23 @@ class Lottery:
             raw += [v if isinstance(v, bytes) else v.encode() for v in await
                     self._redis.lrange(entries_key, start, min(count, start + READ_BATCH) - 1)]
         order = draw_order(count, recorded_seed)
+        shuffled = time.perf_counter()
         winners, skipped = await self._book_winners(release_id, recorded_seed, order, raw,
                                                     lock, token)
         await self._redis.hset(result_key, mapping={
             "winners": orjson.dumps(winners), "skipped": orjson.dumps(skipped),
             "drawn_at_ms": int(time.time() * 1000), "state": "notifying"})
-        won = set(winners)
-        pipe = self._redis.pipeline(transaction=False)
-        queued = 0
-        outbox = keys.outbox_key(release_id)
-        for number in range(1, count + 1):
-            if number in won:
-                continue
-            pipe.xadd(outbox, {"type": LOTTERY_EVENT,
-                               "e": loser_event(release_id, _entry(number, raw[number - 1]))})
-            queued += 1
-            if queued == NOTICE_BATCH:
-                await pipe.execute()
-                queued = 0
-        if queued:
-            await pipe.execute()
+        booked = time.perf_counter()
+        # Everybody else is told, a range of entries per script call.
+        for first in range(int(recorded.get("notified") or 0) + 1, count + 1, NOTICE_BATCH):
+            await self._notify(keys=[entries_key, result_key, keys.outbox_key(release_id)],
+                               args=[release_id, first, min(count, first + NOTICE_BATCH - 1)])
         await self._redis.hset(result_key, "state", "drawn")
         LOTTERY_DRAWS.inc()
-        log.info("lottery %s drawn: %d entries, %d winners, %.2f s", release_id, count,
-                 len(winners), time.perf_counter() - started)
+        log.info("lottery %s drawn: %d entries, %d winners; read and shuffled in %.2f s, "
+                 "winners booked in %.2f s, the others' SMS queued in %.2f s", release_id,
+                 count, len(winners), shuffled - started, booked - shuffled,
+                 time.perf_counter() - booked)
 
     async def _book_winners(self, release_id: str, seed: int, order: list[int],
                             raw: list[bytes], lock: str, token: str

@@ -1,0 +1,89 @@
+"""A whole lottery draw at scale against a running stack, each phase timed.
+
+    .venv/bin/release-service stack up --dir /tmp/lottery-stk
+    RELEASE_SERVICE_SETTINGS_FILE=/tmp/lottery-stk/settings.env \\
+        .venv/bin/python loadtest/lottery_draw.py --entries 1000000 --slots 1000
+
+Creates a lottery release, enters N people through lua/lottery_enter.lua (pipelined, as
+many gateways would), waits for the draw time and runs the draw the gateways run: entries
+read, seeded Fisher–Yates, winners booked through claim.lua, one loser event per other
+entry appended to the outbox. Redis memory grows by about 250 bytes per entry; the release
+stays behind (`stack down` removes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+
+from release_service import keys
+from release_service.catalog import ReleaseCatalog
+from release_service.claim_script import ClaimScript
+from release_service.db import connect_pool
+from release_service.lottery import Lottery
+from release_service.lua import lua_source
+from release_service.person_script import PersonScript
+from release_service.redis_client import redis_from_url
+from release_service.release_definition import parse_definition
+from release_service.releases import create_release
+from release_service.settings import load_settings
+
+ENTER_BATCH = 10_000
+
+
+async def main(entries: int, slots: int, window: float) -> None:
+    settings = load_settings()
+    redis = redis_from_url(settings.redis_url)
+    pool = await connect_pool(settings)
+    now = datetime.now(UTC)
+    day = now + timedelta(days=7)
+    rid = f"lottery-bench-{secrets.token_hex(3)}"
+    definition = parse_definition({
+        "release_id": rid, "vaccine": "HPV9", "dose": 1, "clinic_id": "bench",
+        "opens_at": now.isoformat(), "closes_at": (now + timedelta(seconds=window)).isoformat(),
+        "mode": "lottery", "slots": [{"slot_id": "s0", "starts_at": day.isoformat(),
+                                      "ends_at": (day + timedelta(hours=8)).isoformat(),
+                                      "capacity": slots}]})
+    await create_release(pool, redis, definition, settings.zone)
+    enter = redis.register_script(lua_source("lottery_enter.lua"))
+    script_keys = [keys.meta_key(rid), keys.slot_day_key(rid), keys.lottery_entries_key(rid),
+                   keys.lottery_people_key(rid), keys.lottery_result_key(rid)]
+    started = time.perf_counter()
+    for first in range(0, entries, ENTER_BATCH):
+        pipe = redis.pipeline(transaction=False)
+        for n in range(first, min(entries, first + ENTER_BATCH)):
+            await enter(keys=script_keys, args=[f"p{n}", f"a{n}", 19950101, "F"], client=pipe)
+        await pipe.execute()
+    print(f"{entries:,} entries accepted in {time.perf_counter() - started:.1f} s")
+
+    catalog = ReleaseCatalog(redis, 1.0)
+    await catalog.refresh()
+    view = catalog.get(rid)
+    assert view is not None
+    while catalog.now_ms() < view.closes_ms:
+        await asyncio.sleep(0.1)
+    lottery = Lottery(redis, ClaimScript(redis, settings.code_secret), PersonScript(redis),
+                      catalog)
+    started = time.perf_counter()
+    result = await lottery.draw(rid)
+    assert result is not None
+    print(f"draw of {result['entries']:,} entries: {len(result['winners']):,} winners, "
+          f"{result['entries'] - len(result['winners']):,} told; "
+          f"{time.perf_counter() - started:.1f} s")
+    await pool.close()
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the draw's phases
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--slots", type=int, default=1000)
+    parser.add_argument("--window", type=float, default=60.0,
+                        help="seconds from creating the release to its draw time")
+    args = parser.parse_args()
+    asyncio.run(main(args.entries, args.slots, args.window))
