@@ -114,6 +114,31 @@ def test_render_uses_the_clinic_zone_and_never_personal_data():
         assert "13812345678" not in text and "p1" not in text
 
 
+def test_a_slot_from_the_standby_list_is_confirmed_with_its_decline_deadline():
+    until_ms = int(datetime(2026, 12, 1, 2, 30, tzinfo=UTC).timestamp() * 1000)
+    job = decode(record(orjson.dumps({**EVENT, "via": "standby",
+                                      "decline_until_ms": until_ms})))
+    assert (job.kind, job.message_id, job.decline_until_ms) == (
+        "confirmation", "c1:confirmation", until_ms)  # still one confirmation per booking
+    text = render(job, CONTEXT, SHANGHAI)
+    assert "候补成功" in text and "12345678" in text and "12月1日 10:30前放弃" in text
+    with pytest.raises(InvalidMessage):
+        decode(record(orjson.dumps({**EVENT, "via": "standby"})))
+
+
+def test_a_lottery_notice_names_no_booking():
+    notice = {"claim_id": "lottery-r1-7", "release_id": "r1", "person_id": "p1",
+              "account_id": "a1", "entry": 7}
+    job = decode(record(orjson.dumps(notice), topics.LOTTERY,
+                        [("event_type", b"lottery.lost")]))
+    assert (job.kind, job.message_id, job.code, job.slot_id) == (
+        "lottery_lost", "lottery-r1-7:lottery_lost", "", "")
+    text = render(job, dataclasses.replace(CONTEXT, starts_at=None), SHANGHAI)
+    assert "未中签" in text and "HPV9第1剂" in text
+    with pytest.raises(InvalidMessage):
+        decode(record(orjson.dumps({**notice, "account_id": ""}), topics.LOTTERY))
+
+
 # --- providers ----------------------------------------------------------------------------
 
 
