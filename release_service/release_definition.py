@@ -111,6 +111,9 @@ class ReleaseDefinition(_Strict):
     eligibility: Eligibility = Field(default_factory=Eligibility)
     cancellation: Cancellation = Field(default_factory=Cancellation)
     limits: LimitOverrides = Field(default_factory=LimitOverrides)
+    # How stock is handed out: first come first served (claims race), a waiting room that
+    # admits in a shuffled order (queue), or a draw among applicants (lottery).
+    mode: Literal["first_come", "queue", "lottery"] = "first_come"
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseDefinition:

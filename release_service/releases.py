@@ -41,6 +41,7 @@ def public_document(d: ReleaseDefinition, zone: Any) -> dict[str, Any]:
         "dose": d.dose,
         "clinic_id": d.clinic_id,
         "department": d.department,
+        "mode": d.mode,
         "opens_at": d.opens_at.isoformat(),
         "closes_at": d.closes_at.isoformat(),
         "waves": [
@@ -89,6 +90,7 @@ async def preheat(
         "opens_ms": epoch_ms(d.opens_at),
         "closes_ms": epoch_ms(d.closes_at),
         "state": state,
+        "mode": d.mode,
         "waves": waves,
         "min_age": -1 if elig.min_age is None else elig.min_age,
         "max_age": -1 if elig.max_age is None else elig.max_age,

@@ -220,6 +220,7 @@ async def test_bad_claim_bodies(api, stack_settings, payload, status, code):
         {"eligibility": {"min_age": 50, "max_age": 9}},
         {"unexpected": True},
         {"release_id": "bad{id}"},
+        {"mode": "auction"},
     ],
 )
 async def test_bad_release_definitions_create_nothing(api, redis, change):
@@ -255,11 +256,21 @@ async def test_public_release_pages(api, stack_settings):
         if page["remaining"] == 4 or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
-    assert status == 200 and page["status"] == "open"
+    assert status == 200 and page["status"] == "open" and page["mode"] == "first_come"
     assert [s["remaining"] for s in page["slots"]] == [2, 2]
     status, _, listing = await api.call("GET", "/v1/releases")
     assert status == 200 and rid in {r["release_id"] for r in listing}
     assert (await api.call("GET", "/v1/releases/none"))[0] == 404
+
+
+@pytest.mark.parametrize("mode", ["queue", "lottery"])
+async def test_release_mode_is_stored_and_shown(api, redis, mode):
+    release = await api.create_release(release_definition([2], opens_in=600, mode=mode))
+    rid = release["release_id"]
+    assert release["mode"] == (await api.admin_release(rid))["mode"] == mode
+    assert await redis.hget(keys.meta_key(rid), "mode") == mode.encode()
+    status, _, page = await api.call("GET", f"/v1/releases/{rid}")
+    assert status == 200 and page["mode"] == mode
 
 
 async def test_health_endpoints(api):

@@ -53,11 +53,12 @@ _COUNT = {"type": "integer", "minimum": 0}
 _BOOKING_STATUS = {"enum": ["confirmed", "cancelled", "attended", "no_show"]}
 # Every release answer carries its definition as stored.
 _RELEASE_FIELDS = ["release_id", "vaccine", "dose", "clinic_id", "department", "opens_at",
-                   "closes_at", "slots"]
+                   "closes_at", "slots", "mode"]
 _RELEASE_PROPERTIES = {"release_id": {"type": "string"}, "vaccine": {"type": "string"},
                        "dose": {"type": "integer"}, "clinic_id": {"type": "string"},
                        "department": {"type": "string"}, "opens_at": _TIME,
-                       "closes_at": _TIME}
+                       "closes_at": _TIME,
+                       "mode": {"enum": ["first_come", "queue", "lottery"]}}
 
 
 def _slot(*counts: str) -> dict[str, Any]:
