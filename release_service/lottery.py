@@ -54,7 +54,8 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class EnterOutcome:
-    status: str  # ok, already_entered, not_open, closed, paused, not_found, not_eligible
+    status: str  # ok, already_entered, not_open, closed, paused, not_found, not_eligible,
+    #              not_lottery
     number: int = 0
     detail: str = ""
 
@@ -118,14 +119,14 @@ class Lottery:
             })
         return body
 
-    async def draw(self, release_id: str, *, seed: int | None = None) -> dict[str, Any] | None:
+    async def draw(self, release_id: str) -> dict[str, Any] | None:
         """Draw unless drawn; None when another process holds the draw's lock."""
         lock = keys.lottery_lock_key(release_id)
         token = os.urandom(8).hex()
         if not await self._redis.set(lock, token, nx=True, px=LOCK_MS):
             return None
         try:
-            await self._draw_locked(release_id, seed, lock, token)
+            await self._draw_locked(release_id, lock, token)
         finally:
             # Only our own lock: compare-and-delete would need a script; the lock's
             # time-out covers a lock taken over after ours expired.
@@ -133,19 +134,18 @@ class Lottery:
                 await self._redis.delete(lock)
         return await self.result(release_id)
 
-    async def _draw_locked(self, release_id: str, seed: int | None, lock: str,
-                           token: str) -> None:
+    async def _draw_locked(self, release_id: str, lock: str, token: str) -> None:
         result_key = keys.lottery_result_key(release_id)
         entries_key = keys.lottery_entries_key(release_id)
         # The seed and the entry count are recorded first, once: a draw run again after
         # a crash repeats the same draw.
-        await self._redis.hsetnx(result_key, "seed", str(new_seed() if seed is None else seed))
+        await self._redis.hsetnx(result_key, "seed", str(new_seed()))
         await self._redis.hsetnx(result_key, "entries", await self._redis.llen(entries_key))
         recorded = {_text(k): _text(v) for k, v in (await self._redis.hgetall(result_key)).items()}
         if recorded.get("state") == "drawn":
             return
-        await self._redis.hset(result_key, mapping={"algorithm": DRAW_ALGORITHM,
-                                                    "state": "drawing"})
+        await self._redis.hsetnx(result_key, "algorithm", DRAW_ALGORITHM)
+        await self._redis.hsetnx(result_key, "state", "drawing")  # a run again keeps its own
         recorded_seed, count = int(recorded["seed"]), int(recorded["entries"])
         started = time.perf_counter()
         raw: list[bytes] = []

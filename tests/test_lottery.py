@@ -15,7 +15,7 @@ from support import Resident, release_definition, residents
 from release_service import keys
 from release_service.catalog import ReleaseCatalog
 from release_service.claim_script import ClaimRequest, ClaimScript
-from release_service.lottery import Lottery, entry_claim_id
+from release_service.lottery import entry_claim_id
 from release_service.lottery_draw import DRAW_ALGORITHM, draw_order
 from release_service.person_script import PersonScript, Reservation
 from release_service.seed import seed_users
@@ -49,35 +49,41 @@ def test_a_million_entry_draw_time():
     assert len(order) == 1_000_000 and order[:3] == verify(1_000_000, 2**127 + 12345)[:3]
 
 
+async def enter(api, release_id: str, who: Resident) -> tuple[int, dict]:
+    status, _, body = await api.call("POST", f"/v1/releases/{release_id}/lottery/entries",
+                                     headers=who.headers, json={"person_id": who.person_id})
+    return status, body
+
+
+async def drawn(api, release_id: str) -> dict:
+    """The result once a gateway has drawn at the draw time."""
+    deadline = time.monotonic() + 30
+    while (result := (await api.call("GET", f"/v1/releases/{release_id}/lottery"))[2]
+           )["state"] != "drawn":
+        assert time.monotonic() < deadline, result
+        await asyncio.sleep(0.2)
+    return result
+
+
 async def test_winners_are_booked_and_the_rest_told_by_sms(api, db, pipeline, redis,
                                                           stack_settings, tmp_path):
     out = tmp_path / "users.jsonl"
     await seed_users(stack_settings, 120, out, progress=False)
     people = [Resident(r["account_id"], r["person_ids"][0], r["token"])
               for r in map(orjson.loads, out.read_text().splitlines())]
-    release = await api.create_release(release_definition([5, 5], closes_in=4))
+    release = await api.create_release(release_definition([5, 5], closes_in=4,
+                                                          mode="lottery"))
     rid = release["release_id"]
-    catalog = ReleaseCatalog(redis, 1.0)
-    await catalog.refresh()
-    lottery = Lottery(redis, ClaimScript(redis, stack_settings.code_secret),
-                      PersonScript(redis), catalog)
-    entered = [await lottery.enter(rid, p.person_id, p.account_id, 19950101, "F")
-               for p in people]
-    assert [e.number for e in entered] == list(range(1, 121))
-    again = await lottery.enter(rid, people[0].person_id, people[0].account_id, 19950101, "F")
-    assert (again.status, again.number) == ("already_entered", 1)
-    while catalog.now_ms() < catalog.get(rid).closes_ms:  # type: ignore[union-attr]
-        await asyncio.sleep(0.1)
-    assert (await lottery.enter(rid, "p_late", "a_late", 19950101, "F")).status == "closed"
+    entered = await asyncio.gather(*(enter(api, rid, p) for p in people))
+    assert sorted(body["entry"] for _, body in entered) == list(range(1, 121))
+    person_of = {body["entry"]: people[i] for i, (_, body) in enumerate(entered)}
 
-    seed = 2**100 + 7
-    result = await lottery.draw(rid, seed=seed)
-    assert result is not None and result["state"] == "drawn"
-    assert result["seed"] == str(seed) and result["entries"] == 120
-    assert result["winners"] == verify(120, seed)[:10] and result["skipped"] == []
-    assert await lottery.draw(rid, seed=1) == result  # drawn once; the seed stays
+    result = await drawn(api, rid)
+    assert result["entries"] == 120 and result["algorithm"] == DRAW_ALGORITHM
+    assert result["winners"] == verify(120, int(result["seed"]))[:10]
+    assert result["skipped"] == []
     holders = {k.decode() for k in await redis.hgetall(keys.holders_key(rid))}
-    assert holders == {people[n - 1].person_id for n in result["winners"]}
+    assert holders == {person_of[n].person_id for n in result["winners"]}
 
     deadline = time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
@@ -93,44 +99,73 @@ async def test_winners_are_booked_and_the_rest_told_by_sms(api, db, pipeline, re
     phones = {r["account_id"]: r["phone"] for r in await db.fetch(
         "SELECT account_id, phone FROM accounts")}
     told = Counter(line["phone"] for line in lines if "未中签" in line["text"])
-    losers = [p for n, p in enumerate(people, 1) if n not in result["winners"]]
-    assert told == Counter(phones[p.account_id] for p in losers)
+    assert told == Counter(phones[p.account_id] for n, p in person_of.items()
+                           if n not in result["winners"])
 
 
 async def test_a_draw_run_again_after_a_crash_repeats_itself(api, redis, stack_settings):
-    """A draw that died after recording its seed and booking its first winner: the next
-    run keeps the seed, finds that booking made, and books no one twice."""
+    """A draw that died after recording its seed and booking its first winner: the
+    gateway that draws next keeps the seed, finds that booking made, books no one twice."""
     people = residents(stack_settings, 10)
-    rid = (await api.create_release(release_definition([3], closes_in=2)))["release_id"]
-    catalog = ReleaseCatalog(redis, 1.0)
-    await catalog.refresh()
-    claims, persons = ClaimScript(redis, stack_settings.code_secret), PersonScript(redis)
-    lottery = Lottery(redis, claims, persons, catalog)
-    for p in people:
-        assert (await lottery.enter(rid, p.person_id, p.account_id, 19950101, "F")).number
-    while catalog.now_ms() < catalog.get(rid).closes_ms:  # type: ignore[union-attr]
-        await asyncio.sleep(0.1)
-
+    rid = (await api.create_release(release_definition([3], closes_in=3, mode="lottery"))
+           )["release_id"]
+    for n, who in enumerate(people, 1):
+        assert (await enter(api, rid, who))[1]["entry"] == n
     seed = 99
     first = verify(10, seed)[0]
     await redis.hset(keys.lottery_result_key(rid),
                      mapping={"seed": seed, "entries": 10, "state": "drawing"})
     claim_id = entry_claim_id(rid, seed, first)
     winner = people[first - 1]
+    catalog = ReleaseCatalog(redis, 1.0)
+    await catalog.refresh()
     view = catalog.get(rid)
     assert view is not None
-    [reserved] = await persons.reserve("", [Reservation(
+    [reserved] = await PersonScript(redis).reserve("", [Reservation(
         claim_id, winner.person_id, rid, view.visit_day("s0") or "", "cd-wuhou-01",
         "vaccination", view.limits)])
-    [claimed] = await claims(rid, [ClaimRequest(
+    [claimed] = await ClaimScript(redis, stack_settings.code_secret)(rid, [ClaimRequest(
         claim_id, winner.account_id, winner.person_id, "s0", "", 19950101, "F", drawn=True)])
     assert reserved.status == "ok" and claimed.status == "ok"
 
-    result = await lottery.draw(rid, seed=12345)  # a new seed is not taken
-    assert result is not None and result["seed"] == "99"
-    assert result["winners"] == verify(10, seed)[:3]
+    result = await drawn(api, rid)
+    assert result["seed"] == "99" and result["winners"] == verify(10, seed)[:3]
     holders = await redis.hgetall(keys.holders_key(rid))
     assert holders[winner.person_id.encode()] == claim_id.encode()
     assert len(holders) == 3 and await redis.hget(keys.taken_key(rid), "s0") == b"3"
     kinds = Counter(fields[b"type"] for _, fields in await redis.xrange(keys.outbox_key(rid)))
     assert kinds == {b"claim.confirmed": 3, b"lottery.lost": 7}
+
+
+async def test_lottery_over_http_drawn_by_the_gateway_at_the_draw_time(api, stack_settings):
+    people = residents(stack_settings, 8)
+    rid = (await api.create_release(release_definition([3], closes_in=3, mode="lottery"))
+           )["release_id"]
+    base = f"/v1/releases/{rid}/lottery"
+    assert (await api.claim(rid, people[0]))[2]["code"] == "lottery_release"
+    for n, who in enumerate(people, 1):
+        status, body = await enter(api, rid, who)
+        assert (status, body["entry"]) == (201, n)
+    status, body = await enter(api, rid, people[2])
+    assert (status, body["entry"]) == (200, 3)
+    status, _, body = await api.call("POST", f"/v1/admin/releases/{rid}/lottery/draw",
+                                     headers=api.admin_headers)
+    assert (status, body["code"]) == (409, "entries_open")
+    assert (await api.call("GET", base))[2]["state"] == "open"
+
+    result = await drawn(api, rid)
+    assert result["entries"] == 8
+    assert result["winners"] == verify(8, int(result["seed"]))[:3]
+    status, _, again = await api.call("POST", f"/v1/admin/releases/{rid}/lottery/draw",
+                                      headers=api.admin_headers)
+    assert status == 200 and again == result
+    status, body = await enter(api, rid, residents(stack_settings, 1)[0])
+    assert (status, body["code"]) == (410, "closed")
+    for n in result["winners"]:
+        status, _, body = await api.call(
+            "GET", f"/v1/releases/{rid}/standby?person_id={people[n - 1].person_id}",
+            headers=people[n - 1].headers)
+        assert body["claim"]["status"] == "confirmed"
+
+    plain = (await api.create_release(release_definition([1])))["release_id"]
+    assert (await enter(api, plain, people[0]))[1]["code"] == "not_lottery"

@@ -43,6 +43,8 @@ async def enter(request: web.Request) -> web.Response:
                                  reason=outcome.detail)
     if outcome.status == "not_found":
         raise errors.NotFound(f"no release {view.release_id}")
+    if outcome.status == "not_lottery":
+        raise errors.NotLottery(f"release {view.release_id} has no lottery")
     body = {"release_id": view.release_id, "person_id": person_id, "entry": outcome.number,
             "draw_at": view.document["closes_at"]}
     return web.Response(status=201 if outcome.status == "ok" else 200,
