@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .. import errors, keys
 from ..attendance import check_in
@@ -28,6 +30,8 @@ from .appkeys import (
 from .auth import require_admin, resident
 from .claims import claim_body
 from .limits import client_of, limit
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 RESENDS_PER_DAY = 3
@@ -122,8 +126,13 @@ async def _end_booking(request: web.Request, *, decline: bool) -> web.Response:
     if outcome.held_for_standby:
         # The slot goes to the first person on the standby list; back on sale only when
         # nobody there can take it. Left half-way, any gateway's resume finishes it.
-        handed = await app[STANDBY].hand_on(booking.release_id, booking.claim_id)
-        returned = handed.status == "returned"
+        try:
+            handed = await app[STANDBY].hand_on(booking.release_id, booking.claim_id)
+            returned = handed.status == "returned"
+        except (RedisError, LookupError) as exc:
+            # The cancellation itself is done and must be answered as done.
+            log.warning("standby handoff of %s left to resume: %s", booking.claim_id, exc)
+            returned = False
     else:
         returned = True
     if returned:
