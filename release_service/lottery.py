@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from . import keys
+from .aio import wait_event
 from .catalog import ReleaseCatalog, ReleaseView
 from .claim_script import ClaimRequest, ClaimScript
 from .lottery_draw import DRAW_ALGORITHM, draw_order, new_seed
@@ -260,13 +261,13 @@ def is_lottery(view: ReleaseView) -> bool:
     return view.document.get("mode") == "lottery"
 
 
-async def draw_when_due(lottery: Lottery, catalog: ReleaseCatalog,
+async def draw_when_due(lottery: Lottery, catalog: ReleaseCatalog, stopping: asyncio.Event,
                         interval_seconds: float = 1.0) -> None:
-    """Run in every gateway: draw each lottery release whose draw time (`closes_at`) has
-    come. The draw's lock lets one process draw; the others find it drawn."""
+    """Run in every gateway until `stopping`: draw each lottery release whose draw time
+    (`closes_at`) has come. The draw's lock lets one process draw; the others find it
+    drawn. A draw cut short by the shutdown is finished by the next (recorded seed)."""
     drawn: set[str] = set()
-    while True:
-        await asyncio.sleep(interval_seconds)
+    while not await wait_event(stopping, interval_seconds):
         now = catalog.now_ms()
         for release_id in catalog.release_ids():
             view = catalog.get(release_id)

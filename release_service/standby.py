@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from . import keys
+from .aio import wait_event
 from .catalog import ReleaseCatalog
 from .claim_script import ClaimRequest, ClaimScript
 from .lua import lua_source
@@ -169,11 +170,12 @@ STANDBY_LENGTH = Gauge("release_standby_length", "People on a release's standby 
 
 
 async def resume_handoffs(standby: StandbyList, catalog: ReleaseCatalog,
-                          older_than_seconds: float) -> None:
-    """Run in every gateway: publish list lengths, finish handoffs left by a dead gateway.
-    Several gateways doing it at once is safe: each step is atomic and repeatable."""
-    while True:
-        await asyncio.sleep(min(older_than_seconds, 5.0))
+                          older_than_seconds: float, stopping: asyncio.Event) -> None:
+    """Run in every gateway until `stopping`: publish list lengths, finish handoffs left by
+    a dead gateway. Several gateways doing it at once is safe: each step is atomic and
+    repeatable. Ended by the event, not by cancellation alone, which a redis-py command
+    can absorb (see ReleaseCatalog.run)."""
+    while not await wait_event(stopping, min(older_than_seconds, 5.0)):
         for release_id in catalog.release_ids():
             try:
                 STANDBY_LENGTH.labels(release_id).set(await standby.length(release_id))

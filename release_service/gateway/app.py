@@ -99,12 +99,14 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
                                app[CATALOG], settings.standby_decline_seconds)
     app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,
                            app[CATALOG])
+    stopping = asyncio.Event()
     background = [
         asyncio.create_task(resume_handoffs(app[STANDBY], app[CATALOG],
-                                            settings.standby_resume_seconds)),
-        asyncio.create_task(draw_when_due(app[LOTTERY], app[CATALOG])),
+                                            settings.standby_resume_seconds, stopping)),
+        asyncio.create_task(draw_when_due(app[LOTTERY], app[CATALOG], stopping)),
     ]
     yield
+    stopping.set()  # the loops end even if a cancellation is absorbed in a Redis call
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
