@@ -118,6 +118,13 @@ def lottery_lock_key(release_id: str) -> str:
     return _rel(release_id, "lottery:lock")
 
 
+def queue_keys(release_id: str) -> dict[str, str]:
+    """The waiting room of a `mode: queue` release (lua/queue_advance.lua describes each):
+    pre (list), line (list), pos (hash), who (hash), live (sorted set), jtis (hash)."""
+    return {what: _rel(release_id, f"q:{what}")
+            for what in ("pre", "line", "pos", "who", "live", "jtis")}
+
+
 # Person keys: hash tag {person_id}, the person's own Cluster slot (limits across releases).
 
 

@@ -40,6 +40,17 @@ KAFKA_CONSUMER_LAG = Gauge(
     "release_kafka_consumer_lag", "Messages behind the partition's high watermark",
     ["group", "topic", "partition"],
 )
+QUEUE_LENGTH = Gauge(
+    "release_queue_length", "Persons waiting in a queue-mode release's waiting room",
+    ["release_id"],
+)
+QUEUE_ADMITTED = Counter(
+    "release_queue_admitted", "Persons admitted from a waiting room", ["release_id"],
+)
+QUEUE_RETURNED = Counter(
+    "release_queue_returned", "Admissions that expired unused (their place went on)",
+    ["release_id"],
+)
 
 LOOP_LAG_INTERVAL = 0.25
 

@@ -98,6 +98,16 @@ class LimitOverrides(_Strict):
     per_3_months: int | None = Field(default=None, ge=-1, le=100, strict=True)
 
 
+class QueueSettings(_Strict):
+    """Waiting room of a `mode: queue` release."""
+
+    join_before_seconds: int = Field(default=900, ge=0, le=24 * 3600, strict=True)
+    # Unused admissions at any moment stay below factor x stock released and left.
+    admit_factor: float = Field(default=1.5, ge=1, le=10)
+    max_admit_per_second: float = Field(default=50, gt=0, le=100_000)
+    token_seconds: int = Field(default=120, ge=1, le=3600, strict=True)
+
+
 class ReleaseDefinition(_Strict):
     release_id: Identifier | None = None
     vaccine: Name
@@ -114,6 +124,7 @@ class ReleaseDefinition(_Strict):
     # How stock is handed out: first come first served (claims race), a waiting room that
     # admits in a shuffled order (queue), or a draw among applicants (lottery).
     mode: Literal["first_come", "queue", "lottery"] = "first_come"
+    queue: QueueSettings = Field(default_factory=QueueSettings)
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseDefinition:

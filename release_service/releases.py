@@ -16,6 +16,7 @@ from . import keys
 from .errors import AlreadyExists, Conflict, NotFound
 from .redis_client import AnyRedis
 from .release_definition import ReleaseDefinition
+from .waiting_room import queue_meta
 
 # Codes a release may use before it asks for another block: cancellations give stock back,
 # and each re-claim takes a fresh code.
@@ -42,6 +43,7 @@ def public_document(d: ReleaseDefinition, zone: Any) -> dict[str, Any]:
         "clinic_id": d.clinic_id,
         "department": d.department,
         "mode": d.mode,
+        **({"queue": d.queue.model_dump()} if d.mode == "queue" else {}),
         "opens_at": d.opens_at.isoformat(),
         "closes_at": d.closes_at.isoformat(),
         "waves": [
@@ -99,6 +101,7 @@ async def preheat(
         "left": d.total_capacity,
         "code_next": code_first,
         "code_end": code_first + code_size,
+        **queue_meta(d),
     }
     pipe = redis.pipeline(transaction=True)
     pipe.hset(keys.meta_key(rid), mapping=meta)  # type: ignore[arg-type]  # invariant key

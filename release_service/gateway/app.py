@@ -29,8 +29,21 @@ from ..settings import Settings
 from ..standby import StandbyList, resume_handoffs
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
-from . import accounts, bookings, claims, health, lottery, openapi, ops, releases, standby
+from ..waiting_room import AdmissionTokens, WaitingRoom
+from . import (
+    accounts,
+    bookings,
+    claims,
+    health,
+    lottery,
+    openapi,
+    ops,
+    queue,
+    releases,
+    standby,
+)
 from .appkeys import (
+    ADMISSION_TOKENS,
     BOOKINGS,
     CANCELS,
     CATALOG,
@@ -48,6 +61,7 @@ from .appkeys import (
     SMS,
     STANDBY,
     TOKENS,
+    WAITING_ROOM,
 )
 from .middleware import gateway_middleware
 from .probes import KafkaProbe
@@ -95,6 +109,7 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CANCELS] = CancelScript(redis)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
+    app[WAITING_ROOM] = WaitingRoom(redis)
     app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
                                app[CATALOG], settings.standby_decline_seconds)
     app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,
@@ -140,6 +155,7 @@ def create_app(settings: Settings) -> web.Application:
                           client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TOKENS] = TokenCodec(settings.token_secret, settings.token_ttl_seconds)
+    app[ADMISSION_TOKENS] = AdmissionTokens(settings.token_secret)
     app[KAFKA_PROBE] = KafkaProbe(settings.kafka_bootstrap)
     # Order matters: each context may use the ones before it; cleanup runs in reverse.
     app.cleanup_ctx.extend([redis_ctx, database_ctx, catalog_ctx, scripts_ctx, sms_ctx])
@@ -157,6 +173,9 @@ def create_app(settings: Settings) -> web.Application:
 
     app.router.add_get("/v1/releases", releases.list_releases)
     app.router.add_get("/v1/releases/{release_id}", releases.get_release)
+    app.router.add_post("/v1/releases/{release_id}/queue", queue.join)
+    app.router.add_get("/v1/releases/{release_id}/queue/{person_id}", queue.poll)
+    app.router.add_get("/v1/releases/{release_id}/queue/{person_id}/events", queue.events)
     app.router.add_post("/v1/otp", accounts.post_otp)
     app.router.add_post("/v1/sessions", accounts.post_session)
     app.router.add_get("/v1/persons", accounts.list_persons)

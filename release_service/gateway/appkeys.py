@@ -19,6 +19,7 @@ from ..settings import Settings
 from ..standby import StandbyList
 from ..tick_batcher import TickBatcher
 from ..tokens import TokenCodec
+from ..waiting_room import AdmissionTokens, WaitingRoom
 from .probes import KafkaProbe
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -38,3 +39,5 @@ KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)
 RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 STANDBY = web.AppKey("standby", StandbyList)
 LOTTERY = web.AppKey("lottery", Lottery)
+WAITING_ROOM = web.AppKey("waiting_room", WaitingRoom)
+ADMISSION_TOKENS = web.AppKey("admission_tokens", AdmissionTokens)

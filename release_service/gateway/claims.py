@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .. import errors
+from ..catalog import ReleaseView
 from ..claim_script import ClaimOutcome, ClaimRequest
 from ..lottery import is_lottery
 from ..metrics import claim_result
@@ -37,6 +38,7 @@ from .auth import resident
 from .bodies import read_json_object
 from .limits import client_of
 from .middleware import problem_response
+from .queue import finish_admission, spend_admission
 
 MAX_IDEMPOTENCY_KEY = 128
 # How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
@@ -157,6 +159,20 @@ async def post_claim(request: web.Request) -> web.Response:
         claim_result("not_your_person").inc()
         raise errors.NotYourPerson("this account may not book for that person")
 
+    # Queue mode: only with an admission from the waiting room, spent here (single use).
+    admission = (await spend_admission(request, view, person_id, data)
+                 if view.document.get("mode") == "queue" else None)
+    try:
+        return await _claim(request, view, principal, person_id, slot_id, idempotency_key)
+    finally:
+        if admission is not None:
+            await finish_admission(request, release_id, admission)
+
+
+async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
+                 person_id: str, slot_id: str, idempotency_key: str) -> web.Response:
+    app, release_id = request.app, view.release_id
+    grant = principal.persons[person_id]
     day = view.visit_day(slot_id)
     if day is None:
         claim_result("not_found").inc()

@@ -143,6 +143,20 @@ SCHEMAS: dict[str, Any] = {
                                                    "required": ["entry", "reason"]}},
         },
     },
+    "Standing": {
+        "type": "object", "required": ["release_id", "person_id", "status", "release_status"],
+        "properties": {
+            "release_id": {"type": "string"}, "person_id": {"type": "string"},
+            "status": {"enum": ["waiting", "admitted", "used", "expired"]},
+            "position": {"type": ["integer", "null"]},
+            "estimated_wait_seconds": {"type": ["number", "null"]},
+            "release_status": {"enum": ["not_open", "open", "paused", "wave_sold_out",
+                                        "sold_out", "closed"]},
+            "remaining": {"type": "integer"}, "available": {"type": "integer"},
+            "waiting": {"type": "integer"}, "next_wave_at_ms": {"type": "integer"},
+            "admission_token": {"type": "string"}, "admission_expires_at_ms": {"type": "integer"},
+        },
+    },
     "Account": {
         "type": "object", "required": ["account_id", "token", "persons"],
         "properties": {"account_id": {"type": "string"}, "token": {"type": "string"},
@@ -238,8 +252,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "Claim a slot for a person of the account", {201: _ref("Claim")},
         (403, 404, 409, 410, 422, 425, 429), auth="resident",
         params=("release_id",), headers=(_IDEMPOTENCY,),
-        body=_obj(["person_id"], person_id=_ID, slot_id=_ID),
+        body=_obj(["person_id"], person_id=_ID, slot_id=_ID,
+                  admission_token={"type": "string", "description": "queue mode"}),
         example={k: EXAMPLES[k] for k in ("person_id", "slot_id")})},
+    "/v1/releases/{release_id}/queue": {"post": _op(
+        "Join the waiting room of a queue-mode release (one entry per person)",
+        {200: _ref("Standing"), 201: _ref("Standing")}, (403, 404, 409, 410, 413, 415, 422, 425),
+        auth="resident", params=("release_id",), body=_obj(["person_id"], person_id=_ID))},
+    "/v1/releases/{release_id}/queue/{person_id}": {"get": _op(
+        "A person's place in the waiting room (the polling form of the events)",
+        {200: _ref("Standing")}, (403, 404, 409, 410, 425), auth="resident",
+        params=("release_id", "person_id"))},
+    "/v1/releases/{release_id}/queue/{person_id}/events": {"get": _op(
+        "A person's place in the waiting room as server-sent events (event: standing)",
+        {200: {"text/event-stream": {"schema": {"type": "string"}}}},
+        (403, 404, 409, 410, 425), auth="resident", params=("release_id", "person_id"))},
     "/v1/otp": {"post": _op(
         "Send a one-time code by SMS", {202: _obj(["sent", "expires_in"])},
         (422, 429), body=_obj(["phone"], phone=_PHONE))},

@@ -1,0 +1,17 @@
+--[[ queue_join.lua (after queue_advance.lua): ARGV[1] person. One entry per person: a
+second join answers the standing of the first. Reply: see `report` (joined = 1 when new).]]
+local person = ARGV[1]
+if redis.call('HEXISTS', who, person) == 1 then return report(person, 0) end
+if closed then return {'closed'} end
+if now < join_ms then return {'too_early', join_ms} end
+if shuffled then
+  tail = tail + 1
+  redis.call('RPUSH', line, person)
+  redis.call('HSET', pos, person, tail)
+  redis.call('HSET', meta, 'q_tail', tail)
+else
+  redis.call('RPUSH', pre, person)
+end
+redis.call('HSET', who, person, 'w')
+admit()
+return report(person, 1)

@@ -1,0 +1,215 @@
+"""Queue mode: the waiting room's scripts driven directly (fairness with 20,000 persons)
+and over HTTP (join, standing, events, the admission token on the claim)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import secrets
+import time
+
+import orjson
+import pytest
+from support import Api, release_definition, residents
+
+from release_service import keys
+from release_service.claim_script import ClaimRequest, ClaimScript
+from release_service.release_definition import parse_definition
+from release_service.releases import preheat
+from release_service.waiting_room import AdmissionTokens, WaitingRoom, shuffled
+
+QUEUED, BOTS, STOCK, FACTOR, SEED = 20_000, 2_000, 2_000, 1.2, 20261123
+LATE = 500  # humans who join after the opening, behind the shuffled pre-queue
+
+
+async def _join_all(room: WaitingRoom, rid: str, persons: list[str]) -> list:
+    """Each person's join script call, in join order, 1,000 to a pipeline."""
+    out: list = []
+    for start in range(0, len(persons), 1000):
+        out += await room.join_many(rid, persons[start:start + 1000])
+    return out
+
+
+async def test_fairness_of_20000_queued_with_bots_first_and_fastest(redis, stack_settings):
+    definition = parse_definition(release_definition(
+        [STOCK // 2, STOCK // 2], opens_in=8, mode="queue",
+        queue={"admit_factor": FACTOR, "max_admit_per_second": 300, "token_seconds": 3}))
+    rid = definition.release_id
+    assert rid is not None
+    await preheat(redis, definition, definition.opens_at.tzinfo, 0, 4 * STOCK)
+    await redis.hset(keys.meta_key(rid), "q_seed", SEED)  # a fixed seed: a fixed draw
+    room, claim = WaitingRoom(redis), ClaimScript(redis, stack_settings.code_secret)
+    bots = [f"bot{i}" for i in range(BOTS)]
+    humans = [f"hum{i}" for i in range(QUEUED - BOTS - LATE)]
+
+    # Bots join first, then the humans, all before the opening.
+    started = time.time()
+    joined = await _join_all(room, rid, bots)
+    joined += await _join_all(room, rid, humans)
+    print(f"joined {len(joined)} in {time.time() - started:.1f} s")
+    assert {(s.status, s.ahead, s.joined) for s in joined} == {("waiting", -1, True)}
+    assert (await room.join(rid, bots[0])).status == "waiting"  # one entry per person
+    await asyncio.sleep(max(0.0, definition.opens_at.timestamp() - time.time()))
+    late = [f"late{i}" for i in range(LATE)]
+    await _join_all(room, rid, late)
+
+    # The admission order is the recorded seed's shuffle of the join order, then arrivals.
+    q = keys.queue_keys(rid)
+    head = (await room.status(rid)).admitted_total
+    order = shuffled(bots + humans, SEED) + late
+    assert [p.decode() for p in await redis.lrange(q["line"], 0, -1)] == order[head:]
+
+    admitted: list[str] = []
+    winners: list[str] = []
+    abandon = random.Random(SEED)
+    checked = late_uses = abandoned = 0
+    while True:
+        standing = await room.status(rid)
+        if standing.admitted_now:  # admitted only while unfinished <= factor x stock
+            assert await redis.zcard(q["live"]) <= math.ceil(FACTOR * standing.available)
+            checked += 1
+        fresh = order[len(admitted):standing.admitted_total]
+        admitted += fresh
+        if not fresh and standing.release == "sold_out":
+            break
+        # Bots retry fastest: every admitted bot claims before any human of the round.
+        fresh.sort(key=lambda p: not p.startswith("bot"))
+        for person in fresh:
+            mine = await room.status(rid, person)
+            if mine.status != "admitted":  # expired before this driver came to it
+                late_uses += 1
+                continue
+            if person.startswith("hum") and abandon.random() < 0.05:
+                abandoned += 1
+                continue  # never comes back: the admission expires and is returned
+            used = await room.use(rid, person, mine.jti)
+            if used == "expired":  # this driver was slower than the token's lifetime
+                late_uses += 1
+                continue
+            assert used == "ok"
+            outcome, = await claim(rid, [ClaimRequest(
+                secrets.token_hex(12), "acct-" + person, person, "", "", 19900101, "F")])
+            await room.finish(rid, mine.jti)
+            if outcome.status == "ok":
+                winners.append(person)
+        if not fresh:
+            await asyncio.sleep(0.02)
+
+    assert len(winners) == STOCK == len(set(winners))
+    assert len(admitted) == len(set(admitted))  # nobody admitted twice
+    await asyncio.sleep(3.1)  # every admission left unused has expired: all returned
+    await room.status(rid)
+    marks = [v[:2] for v in await redis.hvals(q["jtis"])]
+    assert len(marks) == len(admitted)
+    assert marks.count(b"x:") == abandoned + late_uses > 0
+    assert len(admitted) - abandoned - late_uses <= math.ceil(FACTOR * STOCK)
+    assert (await room.status(rid)).release == "sold_out"
+    # Fairness: bots are 10% of the queue; under a fair draw their wins are binomial.
+    share = BOTS / QUEUED
+    bot_wins = sum(p.startswith("bot") for p in winners)
+    sd = math.sqrt(STOCK * share * (1 - share))
+    print(f"bots won {bot_wins} of {STOCK} (fair: {STOCK * share:.0f} +- {sd:.1f}); "
+          f"{len(admitted)} admitted ({abandoned} abandoned, {late_uses} too late), "
+          f"{checked} admitting advances")
+    assert abs(bot_wins - STOCK * share) <= 4 * sd
+
+
+@pytest.fixture
+async def queue_release(api: Api) -> dict:
+    return await api.create_release(release_definition(
+        [2], opens_in=-1, mode="queue", queue={"token_seconds": 2}))
+
+
+async def _join(api: Api, rid: str, resident) -> dict:
+    status, _, body = await api.call("POST", f"/v1/releases/{rid}/queue",
+                                     json={"person_id": resident.person_id},
+                                     headers=resident.headers)
+    assert status in (200, 201), body
+    return body
+
+
+async def _claim(api: Api, rid: str, resident, token: object, person_id: str | None = None):
+    body = {"person_id": person_id or resident.person_id}
+    if token is not None:
+        body["admission_token"] = token
+    return await api.call("POST", f"/v1/releases/{rid}/claims", json=body,
+                          headers=resident.headers)
+
+
+async def test_admission_tokens_forged_expired_reused_or_for_others_are_refused(
+        api, queue_release, stack_settings):
+    rid = queue_release["release_id"]
+    other = await api.create_release(release_definition([2], mode="queue"))
+    a, b, c = residents(stack_settings, 3)
+    standing = await _join(api, rid, a)
+    assert standing["status"] == "admitted" and standing["release_status"] == "open", standing
+    token = standing["admission_token"]
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    codec = AdmissionTokens(stack_settings.token_secret)
+    jti = codec.verify(token, rid, a.person_id, 0)
+    refusals = [
+        (a, None, None, "missing"),
+        (a, forged, None, "invalid"),
+        (a, "qa1.e30." + token.rsplit(".", 1)[1], None, "invalid"),
+        (b, token, b.person_id, "other"),  # another person's token
+        (a, codec.issue(other["release_id"], a.person_id, jti, 2**62), None, "other"),
+        (a, codec.issue(rid, a.person_id, "f" * 24, 2**62), None, "invalid"),  # never issued
+        (a, codec.issue(rid, a.person_id, jti, 1), None, "expired"),
+    ]
+    for who, bad, person, reason in refusals:
+        status, _, body = await _claim(api, rid, who, bad, person)
+        assert (status, body["code"], body["reason"]) == (403, "forbidden", reason), reason
+    assert (await _claim(api, rid, a, token))[0] == 201
+    status, _, body = await _claim(api, rid, a, token)
+    assert (status, body["reason"]) == (403, "used")
+    # An admission left unused expires: refused, and its place goes to the next person.
+    late = await _join(api, rid, c)
+    assert late["status"] == "admitted"
+    await asyncio.sleep(2.1)
+    status, _, body = await _claim(api, rid, c, late["admission_token"])
+    assert (status, body["reason"]) == (403, "expired")
+    assert (await api.admin_release(rid))["remaining"] == 1
+
+
+async def test_standing_polled_and_streamed_until_sold_out(api, stack_settings):
+    release = await api.create_release(release_definition(
+        [1], opens_in=-1, mode="queue", queue={"admit_factor": 1}))
+    rid = release["release_id"]
+    a, b = residents(stack_settings, 2)
+    first, second = await _join(api, rid, a), await _join(api, rid, b)
+    assert first["status"] == "admitted"
+    assert (second["status"], second["position"]) == ("waiting", 1)
+    assert second["estimated_wait_seconds"] is not None
+    again = await api.call("POST", f"/v1/releases/{rid}/queue",
+                           json={"person_id": b.person_id}, headers=b.headers)
+    assert again[0] == 200  # one entry per person
+    assert (await _claim(api, rid, a, first["admission_token"]))[0] == 201
+    status, _, polled = await api.call("GET", f"/v1/releases/{rid}/queue/{b.person_id}",
+                                       headers=b.headers)
+    assert status == 200 and polled["release_status"] == "sold_out"
+    async with api.session.get(f"{api.base_url}/v1/releases/{rid}/queue/{b.person_id}/events",
+                               headers=b.headers) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        text = await asyncio.wait_for(response.text(), 10)  # ends itself once sold out
+    events = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1]["release_status"] == "sold_out"
+
+
+async def test_queue_refusals_are_problem_documents(api, queue_release, stack_settings):
+    rid = queue_release["release_id"]
+    a, b = residents(stack_settings, 2)
+    plain = await api.create_release(release_definition([1]))
+    cases = [
+        ("POST", f"/v1/releases/{rid}/queue", {"person_id": b.person_id}, a, 403),
+        ("POST", f"/v1/releases/{rid}/queue", {}, a, 403),
+        ("POST", f"/v1/releases/{plain['release_id']}/queue", {"person_id": a.person_id}, a,
+         409),
+        ("POST", "/v1/releases/none/queue", {"person_id": a.person_id}, a, 404),
+        ("GET", f"/v1/releases/{rid}/queue/{a.person_id}", None, a, 404),  # never joined
+        ("GET", f"/v1/releases/{rid}/queue/{a.person_id}", None, b, 403),
+    ]
+    for method, path, body, who, expected in cases:
+        status, _, problem = await api.call(method, path, json=body, headers=who.headers)
+        assert status == expected and problem["code"] and problem["detail"], (path, problem)
+    assert (await api.admin_release(rid))["remaining"] == 2
