@@ -141,10 +141,13 @@ class WaitingRoom:
     async def status(self, release_id: str, person_id: str = "") -> Standing:
         return _standing(await self._status(keys=_keys(release_id), args=[person_id]))
 
-    async def use(self, release_id: str, person_id: str, jti: str) -> str:
-        """ok, used, expired or invalid (also not_found / not_queue)."""
+    async def use(self, release_id: str, person_id: str, jti: str) -> Standing:
+        """status ok, used, expired or invalid (also not_found / not_queue), with the
+        admissions and returns the call's advance made."""
         reply = await self._use(keys=_keys(release_id), args=[person_id, jti])
-        return _text(reply[0])
+        if len(reply) < 3:
+            return Standing(_text(reply[0]))
+        return Standing(_text(reply[0]), admitted_now=int(reply[1]), returned_now=int(reply[2]))
 
     async def finish(self, release_id: str, jti: str) -> None:
         """The claim that used the admission is over: its place is free for the next."""

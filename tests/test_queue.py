@@ -83,7 +83,7 @@ async def test_fairness_of_20000_queued_with_bots_first_and_fastest(redis, stack
             if person.startswith("hum") and abandon.random() < 0.05:
                 abandoned += 1
                 continue  # never comes back: the admission expires and is returned
-            used = await room.use(rid, person, mine.jti)
+            used = (await room.use(rid, person, mine.jti)).status
             if used == "expired":  # this driver was slower than the token's lifetime
                 late_uses += 1
                 continue
@@ -188,6 +188,11 @@ async def test_standing_polled_and_streamed_until_sold_out(api, stack_settings):
     status, _, polled = await api.call("GET", f"/v1/releases/{rid}/queue/{b.person_id}",
                                        headers=b.headers)
     assert status == 200 and polled["release_status"] == "sold_out"
+    async with api.session.get(f"{api.base_url}/ops/stream",
+                               headers=api.admin_headers) as response:
+        snapshot = orjson.loads((await response.content.readuntil(b"\n\n")).split(b"data: ")[1])
+    ops, = [r for r in snapshot["releases"] if r["release_id"] == rid]
+    assert ops["mode"] == "queue" and ops["queue"] == {"waiting": 1, "admitted": 1}
     async with api.session.get(f"{api.base_url}/v1/releases/{rid}/queue/{b.person_id}/events",
                                headers=b.headers) as response:
         assert response.headers["Content-Type"] == "text/event-stream"

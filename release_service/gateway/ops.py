@@ -47,8 +47,18 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
     for view in releases:
         pipe.xlen(keys.outbox_key(view.release_id))
         pipe.zcard(keys.standby_key(view.release_id))
-    lengths = await pipe.execute() if releases else []
-    outbox, standby = lengths[0::2], lengths[1::2]
+    queued = [v for v in releases if v.document.get("mode") == "queue"]
+    for view in queued:  # waiting (before and after the opening) and admitted so far
+        q = keys.queue_keys(view.release_id)
+        pipe.llen(q["pre"])
+        pipe.llen(q["line"])
+        pipe.hget(keys.meta_key(view.release_id), "q_head")
+    replies = await pipe.execute() if releases else []
+    outbox, standby = replies[0:2 * len(releases):2], replies[1:2 * len(releases):2]
+    rest = replies[2 * len(releases):]
+    queues = {v.release_id: {"waiting": rest[3 * i] + rest[3 * i + 1],
+                             "admitted": int(rest[3 * i + 2] or 0)}
+              for i, v in enumerate(queued)}
     rows = await app[DATABASE].fetch(
         """SELECT b.release_id, count(*) AS bookings,
                   count(s.claim_id) FILTER (WHERE s.status = 'sent') AS sms_sent
@@ -75,6 +85,8 @@ async def snapshot(app: web.Application) -> dict[str, Any]:
             "standby": standby[i],
             "bookings": persisted.get(v.release_id, (0, 0))[0],
             "sms_sent": persisted.get(v.release_id, (0, 0))[1],
+            "mode": v.document.get("mode", "first_come"),
+            "queue": queues.get(v.release_id),
         } for i, v in enumerate(releases) if v.status(now) != "closed"
             or now - v.closes_ms < 3600_000],
     }

@@ -46,7 +46,8 @@ def _own_person(request: web.Request, person_id: object) -> str:
 
 
 def _observe(release_id: str, standing: Standing) -> None:
-    QUEUE_LENGTH.labels(release_id).set(standing.waiting)
+    if standing.release:  # a full standing (queue_use tells only what it advanced)
+        QUEUE_LENGTH.labels(release_id).set(standing.waiting)
     if standing.admitted_now:
         QUEUE_ADMITTED.labels(release_id).inc(standing.admitted_now)
     if standing.returned_now:
@@ -122,8 +123,10 @@ async def spend_admission(request: web.Request, view: ReleaseView, person_id: st
     jti = request.app[ADMISSION_TOKENS].verify(
         data.get("admission_token"), view.release_id, person_id, request.app[CATALOG].now_ms())
     outcome = await request.app[WAITING_ROOM].use(view.release_id, person_id, jti)
-    if outcome != "ok":
-        raise errors.Forbidden(f"the admission token is {outcome}", reason=outcome)
+    _observe(view.release_id, outcome)
+    if outcome.status != "ok":
+        raise errors.Forbidden(f"the admission token is {outcome.status}",
+                               reason=outcome.status)
     return jti
 
 
