@@ -3,6 +3,7 @@ second join answers the standing of the first. Reply: see `report` (joined = 1 w
 local person = ARGV[1]
 if redis.call('HEXISTS', who, person) == 1 then return report(person, 0) end
 if closed then return {'closed'} end
+if left <= 0 then return {'sold_out'} end  -- told at once: nobody queues for stock gone
 if now < join_ms then return {'too_early', join_ms} end
 if shuffled then
   tail = tail + 1

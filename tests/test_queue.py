@@ -11,6 +11,7 @@ import time
 
 import orjson
 import pytest
+from redis.crc import key_slot
 from support import Api, release_definition, residents
 
 from release_service import keys
@@ -199,6 +200,16 @@ async def test_standing_polled_and_streamed_until_sold_out(api, stack_settings):
         text = await asyncio.wait_for(response.text(), 10)  # ends itself once sold out
     events = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
     assert events and events[-1]["release_status"] == "sold_out"
+    late, = residents(stack_settings, 1)
+    status, _, body = await api.call("POST", f"/v1/releases/{rid}/queue",
+                                     json={"person_id": late.person_id}, headers=late.headers)
+    assert (status, body["code"]) == (409, "sold_out")  # nobody queues for stock gone
+
+
+def test_every_queue_key_is_in_the_release_slot():
+    rid = "rel-0123"
+    slots = {key_slot(k.encode()) for k in [keys.meta_key(rid), *keys.queue_keys(rid).values()]}
+    assert len(slots) == 1
 
 
 async def test_queue_refusals_are_problem_documents(api, queue_release, stack_settings):

@@ -61,6 +61,8 @@ def _body(request: web.Request, release_id: str, person_id: str,
                              retry_after=max(1, (standing.detail - standing.now_ms) // 1000))
     if standing.status == "closed":
         raise errors.Closed(f"release {release_id} is closed")
+    if standing.status == "sold_out":
+        raise errors.SoldOut(f"release {release_id} is sold out")
     if standing.status in ("not_found", "none"):
         raise errors.NotFound("this person is not in the queue")
     _observe(release_id, standing)
