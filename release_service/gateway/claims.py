@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .. import errors
 from ..catalog import ReleaseView
-from ..claim_script import ClaimOutcome, ClaimRequest
+from ..claim_script import ClaimLimit, ClaimOutcome, ClaimRequest
 from ..lottery import is_lottery
 from ..metrics import claim_result
 from ..person_script import Reservation, ReserveOutcome
@@ -163,14 +163,16 @@ async def post_claim(request: web.Request) -> web.Response:
     admission = (await spend_admission(request, view, person_id, data)
                  if view.document.get("mode") == "queue" else None)
     try:
-        return await _claim(request, view, principal, person_id, slot_id, idempotency_key)
+        return await _claim(request, view, principal, person_id, slot_id, idempotency_key,
+                            limits)
     finally:
         if admission is not None:
             await finish_admission(request, release_id, admission)
 
 
 async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
-                 person_id: str, slot_id: str, idempotency_key: str) -> web.Response:
+                 person_id: str, slot_id: str, idempotency_key: str,
+                 limits: tuple[ClaimLimit, ...]) -> web.Response:
     app, release_id = request.app, view.release_id
     grant = principal.persons[person_id]
     day = view.visit_day(slot_id)
