@@ -229,3 +229,37 @@ async def test_queue_refusals_are_problem_documents(api, queue_release, stack_se
         status, _, problem = await api.call(method, path, json=body, headers=who.headers)
         assert status == expected and problem["code"] and problem["detail"], (path, problem)
     assert (await api.admin_release(rid))["remaining"] == 2
+
+
+async def test_concurrent_residents_over_http_sell_exactly_the_stock(api, redis, stack_settings):
+    """200 residents join at once, poll concurrently and claim as soon as admitted (some
+    also try without a token first): exactly the stock is sold, each person at most
+    once, and every booking had its own admission."""
+    release = await api.create_release(release_definition(
+        [30, 20], opens_in=-1, mode="queue",
+        queue={"admit_factor": 1.2, "max_admit_per_second": 400}))
+    rid = release["release_id"]
+    people = residents(stack_settings, 200)
+    await asyncio.gather(*(_join(api, rid, r) for r in people))
+
+    async def resident_flow(r) -> int:
+        if r.person_id[-1] in "01234567":  # some try their luck without the queue first
+            assert (await _claim(api, rid, r, None))[0] == 403
+        for _ in range(400):
+            status, _, standing = await api.call(
+                "GET", f"/v1/releases/{rid}/queue/{r.person_id}", headers=r.headers)
+            assert status == 200
+            if standing["status"] == "admitted":
+                return (await _claim(api, rid, r, standing["admission_token"]))[0]
+            if standing["release_status"] == "sold_out":
+                return 0
+            await asyncio.sleep(0.05)
+        raise AssertionError("never admitted nor told it is sold out")
+
+    results = await asyncio.gather(*(resident_flow(r) for r in people))
+    assert results.count(201) == 50 and set(results) <= {201, 409, 0}
+    view = await api.admin_release(rid)
+    assert view["remaining"] == 0 and await redis.hlen(keys.holders_key(rid)) == 50
+    marks = [v[:2] for v in await redis.hvals(keys.queue_keys(rid)["jtis"])]
+    assert marks.count(b"u:") == results.count(201) + results.count(409)
+    assert await redis.zcard(keys.queue_keys(rid)["live"]) == 0
