@@ -11,7 +11,8 @@ KEYS (all under the release's hash tag {R}, so one Redis Cluster slot):
   7 codes     hash  code -> claim_id
   8 idem      hash  "account_id:key" -> claim_id
   9 outbox    stream of events (field e: event JSON)
-  10.. claim rate counters (strings, rel:{R}:rl:claims:<per>:<subject>), each expiring
+  10 q_who, 11 q_live, 12 q_jtis: the waiting room's admissions (lua/queue_advance.lua)
+  13.. claim rate counters (strings, rel:{R}:rl:claims:<per>:<subject>), each expiring
        with its window; a claim names the ones it counts against (field 11 below)
 
 ARGV:
@@ -28,6 +29,8 @@ ARGV:
               request_id (carried in the claim and its event, for tracing)
               limits ("key_index,limit,window_ms" entries joined by " "; "" = none)
               decline_ms (mode "standby": how long the person may decline; "" otherwise)
+              admission (the jti of the person's admission: required by a claim of a
+                    queue-mode release, checked and spent here with the claim)
 
 Reply: a flat array, two values per claim, in order:
   "ok", claim JSON          claimed now
@@ -38,6 +41,8 @@ Reply: a flat array, two values per claim, in order:
   "unknown_slot", "" | "not_eligible", reason | "codes_exhausted", ""
   "no_replay", ""           mode "replay" and the key was not seen: nothing done
   "rate_limited", "wait_ms,i"  the claim's i-th limit is spent for wait_ms more ms
+  "admission", reason       queue mode, no usable admission: missing, invalid, used,
+                            expired
 
 Guarantees: every check runs before the first write of a claim (Redis does not roll back
 a script that fails half-way); a slot's taken count never exceeds its released share of
@@ -52,6 +57,7 @@ the any-slot search, which is O(slots of the release).
 
 local meta, cap, taken, slotday, holders, claims, codes, idem, outbox =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local q_who, q_live, q_jtis = KEYS[10], KEYS[11], KEYS[12]
 
 local release_id = ARGV[1]
 local k1, k2, k3, k4 = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -63,7 +69,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local reply = {}
 
 local m = redis.call('HMGET', meta, 'opens_ms', 'closes_ms', 'state', 'waves', 'min_age',
-  'max_age', 'sex', 'slots')
+  'max_age', 'sex', 'slots', 'mode')
 if not m[1] then
   for _ = 1, n do
     reply[#reply + 1] = 'not_found'; reply[#reply + 1] = ''
@@ -72,6 +78,7 @@ if not m[1] then
 end
 
 local opens, closes, state = tonumber(m[1]), tonumber(m[2]), m[3]
+local queued = m[9] == 'queue'
 local min_age, max_age, need_sex = tonumber(m[5]), tonumber(m[6]), m[7]
 
 -- Window status, the same for every claim of the batch.
@@ -135,17 +142,11 @@ local function over_limit(spec)
   return refused
 end
 
-local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
-                         request_id, limits, decline_ms)
+-- Every check of a claim, then (all passed) every write of it.
+local function decide(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
+                      request_id, decline_ms)
   local standby = mode == 'standby'
   local idem_field = account_id .. ':' .. ikey
-  if ikey ~= '' then
-    local earlier = redis.call('HGET', idem, idem_field)
-    if earlier then return 'replay', redis.call('HGET', claims, earlier) end
-  end
-  if mode == 'replay' then return 'no_replay', '' end
-  local refused = over_limit(limits)
-  if refused then return 'rate_limited', refused end
   if mode == 'draw' then
     if state == 'closed' or state == 'paused' then return state, '' end  -- by an operator
   elseif window ~= 'open' and not standby then
@@ -208,6 +209,61 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   return 'ok', claim
 end
 
+-- Queue mode: why the person's admission cannot be used now (nil: it can). The
+-- admission is checked and spent in this script, with the claim, so that no claim goes
+-- without one and no admission is spent by a claim that never ran.
+local function admission_refused(person_id, jti)
+  if jti == '' then return 'missing' end
+  local holder = redis.call('HGET', q_jtis, jti)
+  if holder == 'u:' .. person_id then return 'used' end
+  if holder == 'x:' .. person_id then return 'expired' end
+  if holder ~= person_id then return 'invalid' end
+  local prefix = 'a:' .. jti .. ':'
+  local w = redis.call('HGET', q_who, person_id) or ''
+  if string.sub(w, 1, #prefix) ~= prefix then return 'invalid' end
+  if tonumber(string.sub(w, #prefix + 1)) <= now then return 'expired' end
+  return nil
+end
+
+-- An admission is spent by a claim that won, and by a refusal no retry can change
+-- (the person holds a claim, is not eligible, or the release is closed or sold out);
+-- a refusal that may pass (a full slot with stock elsewhere, a pause, a rate limit)
+-- leaves it to the person until it expires.
+local function spends_admission(status)
+  if status == 'ok' or status == 'already_claimed' or status == 'not_eligible'
+      or status == 'closed' then
+    return true
+  end
+  return status == 'sold_out' and tonumber(redis.call('HGET', meta, 'left')) <= 0
+end
+
+local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
+                         request_id, limits, decline_ms, jti)
+  local idem_field = account_id .. ':' .. ikey
+  if ikey ~= '' then
+    local earlier = redis.call('HGET', idem, idem_field)
+    if earlier then return 'replay', redis.call('HGET', claims, earlier) end
+  end
+  if mode == 'replay' then return 'no_replay', '' end
+  local refused = over_limit(limits)
+  if refused then return 'rate_limited', refused end
+  if queued and mode == 'claim' then
+    local why = admission_refused(person_id, jti)
+    if why then return 'admission', why end
+    local status, payload = decide(claim_id, account_id, person_id, slot, ikey, birth, sex,
+      day, mode, request_id, decline_ms)
+    if spends_admission(status) then
+      redis.call('HSET', q_jtis, jti, 'u:' .. person_id)
+      redis.call('HSET', q_who, person_id, 'u')
+      redis.call('ZREM', q_live, jti)
+    end
+    return status, payload
+  end
+  return decide(claim_id, account_id, person_id, slot, ikey, birth, sex, day, mode,
+    request_id, decline_ms)
+end
+
+
 local function fields(packed)
   local out, start = {}, 1
   while true do
@@ -221,7 +277,7 @@ end
 for i = 0, n - 1 do
   local f = fields(ARGV[7 + i])
   local status, payload = claim_one(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9],
-    f[10] or '', f[11] or '', f[12] or '')
+    f[10] or '', f[11] or '', f[12] or '', f[13] or '')
   reply[#reply + 1] = status
   reply[#reply + 1] = payload
 end

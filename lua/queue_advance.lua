@@ -1,5 +1,5 @@
---[[ queue_advance.lua: the prologue of every queue script (queue_join, queue_status,
-queue_use are this file followed by their own part). It advances the waiting room to
+--[[ queue_advance.lua: the prologue of every queue script (queue_join and queue_status
+are this file followed by their own part; lua/claim.lua checks and spends admissions). It advances the waiting room to
 Redis TIME, so no ticker or leader is needed: whichever call comes first does the work,
 and a process that dies leaves nothing half-done.
 
@@ -13,6 +13,9 @@ KEYS (all under the release's hash tag {R}, one Redis Cluster slot):
                   | "x" token expired unused
   8 live   zset  jti -> expires_ms of admissions not yet finished (unused or claiming)
   9 jtis   hash  jti -> person (unused) | "u:"..person (used) | "x:"..person (expired)
+  10 outbox stream the release's outbox: one "queue.admitted" event per admission (its
+                   dedup id in claim_id, as every outbox event), persisted by the
+                   bookings consumer
 
 Steps, in order: (1) at opening, the pre-queue is shuffled (Fisher-Yates driven by the
 Park-Miller generator seeded with q_seed; release_service/waiting_room.py repeats it for
@@ -23,8 +26,9 @@ second's worth at once) and only while unfinished admissions stay at or below
 ceil(q_factor x stock released and left).
 ]]
 
-local meta, cap, taken, pre, line, pos, who, live, jtis =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local meta, cap, taken, pre, line, pos, who, live, jtis, outbox =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local release_id = string.match(meta, '{(.-)}')
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -103,6 +107,9 @@ local function admit()
     redis.call('HSET', who, person, 'a:' .. jti .. ':' .. expires)
     redis.call('HSET', jtis, jti, person)
     redis.call('ZADD', live, expires, jti)
+    redis.call('XADD', outbox, '*', 'type', 'queue.admitted', 'e', cjson.encode({
+      claim_id = 'admission-' .. jti, admission_id = jti, release_id = release_id,
+      person_id = person, position = head, admitted_at_ms = now, expires_at_ms = expires}))
     admitted = admitted + 1
   end
   if k > 0 then allow = allow - k end

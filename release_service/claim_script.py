@@ -42,11 +42,13 @@ class ClaimRequest:
     # Set: book a slot held for the standby list; the person may decline for this long.
     standby_decline_ms: int | None = None
     drawn: bool = False  # a lottery winner: booked after the entry window closed
+    admission: str = ""  # queue mode: the jti of the person's admission (spent if it wins)
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimOutcome:
-    status: str  # ok, replay, already_claimed, not_open, paused, closed, sold_out, ...
+    status: str  # ok, replay, already_claimed, not_open, paused, closed, sold_out,
+    #              admission (queue mode: detail says why), ...
     claim: dict[str, Any] | None = None
     detail: str = ""
 
@@ -58,11 +60,13 @@ _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
 
 
 def release_keys(release_id: str) -> list[str]:
+    queue = keys.queue_keys(release_id)
     return [
         keys.meta_key(release_id), keys.capacity_key(release_id), keys.taken_key(release_id),
         keys.slot_day_key(release_id), keys.holders_key(release_id),
         keys.claims_key(release_id), keys.codes_key(release_id),
         keys.idempotency_key(release_id), keys.outbox_key(release_id),
+        *(queue[name] for name in ("who", "live", "jtis")),
     ]
 
 
@@ -90,7 +94,8 @@ class ClaimScript:
             argv.append(SEPARATOR.join((
                 r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
                 str(r.birth), r.sex, r.day, _mode(r), r.request_id, " ".join(spec),
-                "" if r.standby_decline_ms is None else str(r.standby_decline_ms))))
+                "" if r.standby_decline_ms is None else str(r.standby_decline_ms),
+                r.admission)))
         reply = await self._script(keys=script_keys, args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):

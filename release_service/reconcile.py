@@ -94,14 +94,20 @@ def claim_event(row: asyncpg.Record | dict[str, object]) -> bytes:
 
 async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str]:
     """Entry ids whose effect is in PostgreSQL: a booking row for a claim, a cancelled
-    booking for a cancellation, an SMS sent (or given up on) for a lottery loser."""
+    booking for a cancellation, an SMS sent (or given up on) for a lottery loser, an
+    admission row for an admission."""
     by_claim: dict[str, str] = {}
     cancels: dict[str, str] = {}
     notices: dict[str, str] = {}
+    admissions: dict[str, str] = {}
     for entry in entries:
-        claim_id = orjson.loads(entry.event)["claim_id"]
+        event = orjson.loads(entry.event)
+        claim_id = event["claim_id"]
         if entry.event_type == "lottery.lost":
             notices[claim_id] = entry.entry_id
+            continue
+        if entry.event_type == "queue.admitted":
+            admissions[event["admission_id"]] = entry.entry_id
             continue
         (cancels if entry.event_type == "claim.cancelled" else by_claim)[claim_id] = entry.entry_id
     done: set[str] = set()
@@ -110,6 +116,10 @@ async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str
             "SELECT claim_id FROM sms_messages WHERE claim_id = ANY($1::text[]) "
             "AND kind = 'lottery_lost' AND status <> 'pending'", list(notices))
         done |= {notices[r["claim_id"]] for r in rows}
+    if admissions:
+        rows = await conn.fetch("SELECT admission_id FROM admissions "
+                                "WHERE admission_id = ANY($1::text[])", list(admissions))
+        done |= {admissions[r["admission_id"]] for r in rows}
     if by_claim:
         rows = await conn.fetch("SELECT claim_id FROM bookings WHERE claim_id = ANY($1::text[])",
                                 list(by_claim))

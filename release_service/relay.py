@@ -43,6 +43,7 @@ TOPIC_BY_TYPE = {
     "claim.confirmed": topics.CLAIMS,
     "claim.cancelled": topics.CANCELLATIONS,
     "lottery.lost": topics.LOTTERY,
+    "queue.admitted": topics.ADMISSIONS,
 }
 
 OUTBOX_LENGTH = Gauge("release_outbox_length", "Entries in a release's outbox stream",

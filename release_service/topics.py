@@ -5,5 +5,6 @@ CANCELLATIONS = "slot.cancellations"
 CLAIMS_DEAD_LETTER = "slot.claims.dlq"
 SMS_DEAD_LETTER = "sms.dlq"
 LOTTERY = "lottery.results"  # one event per entry the draw did not pick: its SMS
+ADMISSIONS = "queue.admissions"  # one event per admission from a waiting room
 
-ALL = (CLAIMS, CANCELLATIONS, CLAIMS_DEAD_LETTER, SMS_DEAD_LETTER, LOTTERY)
+ALL = (CLAIMS, CANCELLATIONS, CLAIMS_DEAD_LETTER, SMS_DEAD_LETTER, LOTTERY, ADMISSIONS)

@@ -115,7 +115,7 @@ def _keys(release_id: str) -> list[str]:
     q = keys.queue_keys(release_id)
     return [keys.meta_key(release_id), keys.capacity_key(release_id),
             keys.taken_key(release_id), q["pre"], q["line"], q["pos"], q["who"], q["live"],
-            q["jtis"]]
+            q["jtis"], keys.outbox_key(release_id)]
 
 
 class WaitingRoom:
@@ -123,7 +123,6 @@ class WaitingRoom:
         prologue = lua_source("queue_advance.lua")
         self._join = redis.register_script(prologue + lua_source("queue_join.lua"))
         self._status = redis.register_script(prologue + lua_source("queue_status.lua"))
-        self._use = redis.register_script(prologue + lua_source("queue_use.lua"))
         self._redis = redis
 
     async def join(self, release_id: str, person_id: str) -> Standing:
@@ -141,23 +140,11 @@ class WaitingRoom:
     async def status(self, release_id: str, person_id: str = "") -> Standing:
         return _standing(await self._status(keys=_keys(release_id), args=[person_id]))
 
-    async def use(self, release_id: str, person_id: str, jti: str) -> Standing:
-        """status ok, used, expired or invalid (also not_found / not_queue), with the
-        admissions and returns the call's advance made."""
-        reply = await self._use(keys=_keys(release_id), args=[person_id, jti])
-        if len(reply) < 3:
-            return Standing(_text(reply[0]))
-        return Standing(_text(reply[0]), admitted_now=int(reply[1]), returned_now=int(reply[2]))
-
-    async def finish(self, release_id: str, jti: str) -> None:
-        """The claim that used the admission is over: its place is free for the next."""
-        await self._redis.zrem(keys.queue_keys(release_id)["live"], jti)
-
 
 class AdmissionTokens:
     """`qa1.<payload>.<HMAC-SHA256>`, payload = [release, person, jti, expires_ms]. The
-    signature binds it to its release, person and expiry; single use is Redis's part
-    (queue_use.lua)."""
+    signature binds it to its release, person and expiry; single use and expiry are
+    checked in Redis as the claim spends it (lua/claim.lua)."""
 
     def __init__(self, secret: str) -> None:
         self._key = hmac.new(secret.encode(), b"admission-token", hashlib.sha256).digest()
@@ -171,22 +158,21 @@ class AdmissionTokens:
         body = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
         return f"{TOKEN_VERSION}.{body}.{self._sign(body)}"
 
-    def verify(self, token: object, release_id: str, person_id: str, now_ms: int) -> str:
-        """The token's jti, or Forbidden saying why."""
+    def verify(self, token: object, release_id: str, person_id: str) -> str:
+        """The jti of a token this service signed for this release and person, or
+        Forbidden saying why. Its expiry is the claim script's to check (one clock)."""
         if not isinstance(token, str) or not token.isascii() or token.count(".") != 2:
             raise Forbidden("an admission_token from the queue is required", reason="missing")
         version, body, signature = token.split(".")
         if version != TOKEN_VERSION or not hmac.compare_digest(self._sign(body), signature):
             raise Forbidden("the admission token is invalid", reason="invalid")
         try:
-            rid, pid, jti, expires = orjson.loads(_unpadded_b64(body))
+            rid, pid, jti, _expires = orjson.loads(_unpadded_b64(body))
         except (ValueError, TypeError):
             raise Forbidden("the admission token is invalid", reason="invalid") from None
         if rid != release_id or pid != person_id:
             raise Forbidden("the admission token is for another release or person",
                             reason="other")
-        if not isinstance(expires, int) or expires <= now_ms:
-            raise Forbidden("the admission token has expired", reason="expired")
         return str(jti)
 
 

@@ -84,16 +84,16 @@ async def test_fairness_of_20000_queued_with_bots_first_and_fastest(redis, stack
             if person.startswith("hum") and abandon.random() < 0.05:
                 abandoned += 1
                 continue  # never comes back: the admission expires and is returned
-            used = (await room.use(rid, person, mine.jti)).status
-            if used == "expired":  # this driver was slower than the token's lifetime
-                late_uses += 1
-                continue
-            assert used == "ok"
             outcome, = await claim(rid, [ClaimRequest(
-                secrets.token_hex(12), "acct-" + person, person, "", "", 19900101, "F")])
-            await room.finish(rid, mine.jti)
-            if outcome.status == "ok":
+                secrets.token_hex(12), "acct-" + person, person, "", "", 19900101, "F",
+                admission=mine.jti)])
+            if outcome.status == "admission":  # this driver was slower than the token
+                assert outcome.detail == "expired", outcome
+                late_uses += 1
+            elif outcome.status == "ok":
                 winners.append(person)
+            else:  # the stock went while the admission waited: spent all the same
+                assert outcome.status == "sold_out", outcome
         if not fresh:
             await asyncio.sleep(0.02)
 
@@ -148,7 +148,7 @@ async def test_admission_tokens_forged_expired_reused_or_for_others_are_refused(
     token = standing["admission_token"]
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     codec = AdmissionTokens(stack_settings.token_secret)
-    jti = codec.verify(token, rid, a.person_id, 0)
+    jti = codec.verify(token, rid, a.person_id)
     refusals = [
         (a, None, None, "missing"),
         (a, forged, None, "invalid"),
@@ -156,14 +156,21 @@ async def test_admission_tokens_forged_expired_reused_or_for_others_are_refused(
         (b, token, b.person_id, "other"),  # another person's token
         (a, codec.issue(other["release_id"], a.person_id, jti, 2**62), None, "other"),
         (a, codec.issue(rid, a.person_id, "f" * 24, 2**62), None, "invalid"),  # never issued
-        (a, codec.issue(rid, a.person_id, jti, 1), None, "expired"),
     ]
     for who, bad, person, reason in refusals:
         status, _, body = await _claim(api, rid, who, bad, person)
         assert (status, body["code"], body["reason"]) == (403, "forbidden", reason), reason
-    assert (await _claim(api, rid, a, token))[0] == 201
-    status, _, body = await _claim(api, rid, a, token)
-    assert (status, body["reason"]) == (403, "used")
+    keyed = {**a.headers, "Idempotency-Key": "k-" + a.person_id}
+    claim = {"person_id": a.person_id, "admission_token": token}
+    won = await api.call("POST", f"/v1/releases/{rid}/claims", json=claim, headers=keyed)
+    assert won[0] == 201
+    status, _, body = await _claim(api, rid, a, token)  # spent, and the person holds one
+    assert (status, body["code"]) == (409, "already_claimed")
+    # The retry of the claim that spent it is answered with that claim (its reply lost).
+    status, headers, body = await api.call("POST", f"/v1/releases/{rid}/claims", json=claim,
+                                           headers=keyed)
+    assert (status, headers.get("Idempotent-Replayed"), body["code"]) == (
+        201, "true", won[2]["code"])
     # An admission left unused expires: refused, and its place goes to the next person.
     late = await _join(api, rid, c)
     assert late["status"] == "admitted"
@@ -206,6 +213,21 @@ async def test_standing_polled_and_streamed_until_sold_out(api, stack_settings):
     assert (status, body["code"]) == (409, "sold_out")  # nobody queues for stock gone
 
 
+async def _claim_once_admitted(api: Api, rid: str, resident) -> int:
+    """Poll the standing until admitted, then claim: the claim's status (0: told it is
+    sold out while waiting)."""
+    for _ in range(400):
+        status, _, standing = await api.call(
+            "GET", f"/v1/releases/{rid}/queue/{resident.person_id}", headers=resident.headers)
+        assert status == 200
+        if standing["status"] == "admitted":
+            return (await _claim(api, rid, resident, standing["admission_token"]))[0]
+        if standing["release_status"] == "sold_out":
+            return 0
+        await asyncio.sleep(0.05)
+    raise AssertionError("never admitted nor told it is sold out")
+
+
 def test_every_queue_key_is_in_the_release_slot():
     rid = "rel-0123"
     slots = {key_slot(k.encode()) for k in [keys.meta_key(rid), *keys.queue_keys(rid).values()]}
@@ -245,16 +267,7 @@ async def test_concurrent_residents_over_http_sell_exactly_the_stock(api, redis,
     async def resident_flow(r) -> int:
         if r.person_id[-1] in "01234567":  # some try their luck without the queue first
             assert (await _claim(api, rid, r, None))[0] == 403
-        for _ in range(400):
-            status, _, standing = await api.call(
-                "GET", f"/v1/releases/{rid}/queue/{r.person_id}", headers=r.headers)
-            assert status == 200
-            if standing["status"] == "admitted":
-                return (await _claim(api, rid, r, standing["admission_token"]))[0]
-            if standing["release_status"] == "sold_out":
-                return 0
-            await asyncio.sleep(0.05)
-        raise AssertionError("never admitted nor told it is sold out")
+        return await _claim_once_admitted(api, rid, r)
 
     results = await asyncio.gather(*(resident_flow(r) for r in people))
     assert results.count(201) == 50 and set(results) <= {201, 409, 0}
@@ -263,3 +276,68 @@ async def test_concurrent_residents_over_http_sell_exactly_the_stock(api, redis,
     marks = [v[:2] for v in await redis.hvals(keys.queue_keys(rid)["jtis"])]
     assert marks.count(b"u:") == results.count(201) + results.count(409)
     assert await redis.zcard(keys.queue_keys(rid)["live"]) == 0
+
+
+async def test_a_refusal_that_may_pass_leaves_the_admission(api, redis, stack_settings):
+    """A full slot with stock elsewhere does not spend the admission: the person tries the
+    other slot with the same token. A win spends it."""
+    release = await api.create_release(release_definition([1, 1], opens_in=-1, mode="queue"))
+    rid = release["release_id"]
+    a, b = residents(stack_settings, 2)
+    first, second = await _join(api, rid, a), await _join(api, rid, b)
+    assert first["status"] == second["status"] == "admitted"
+
+    async def claim(who, standing, slot_id):
+        return await api.call("POST", f"/v1/releases/{rid}/claims", headers=who.headers, json={
+            "person_id": who.person_id, "slot_id": slot_id,
+            "admission_token": standing["admission_token"]})
+
+    assert (await claim(a, first, "s0"))[0] == 201
+    status, _, body = await claim(b, second, "s0")
+    assert (status, body["code"]) == (409, "sold_out")
+    assert (await claim(b, second, "s1"))[0] == 201
+    marks = await redis.hgetall(keys.queue_keys(rid)["jtis"])
+    assert sorted(v[:2] for v in marks.values()) == [b"u:", b"u:"]
+
+
+async def test_admissions_reach_postgresql_through_the_outbox(api, db, redis, pipeline,
+                                                               stack_settings):
+    """Every admission is an outbox event the bookings consumer persists: PostgreSQL holds
+    each admission once, in admission order, and every booking of the release had one."""
+    release = await api.create_release(release_definition(
+        [4], opens_in=-1, mode="queue", queue={"admit_factor": 1, "max_admit_per_second": 100}))
+    rid = release["release_id"]
+    people = residents(stack_settings, 8)
+    for r in people:
+        await _join(api, rid, r)
+
+    results = await asyncio.gather(*(_claim_once_admitted(api, rid, r) for r in people))
+    assert results.count(201) == 4
+    issued = {k.decode(): v.decode().split(":")[-1]
+              for k, v in (await redis.hgetall(keys.queue_keys(rid)["jtis"])).items()}
+    rows = []
+    for _ in range(300):  # the relay and the consumer are asynchronous
+        rows = await db.fetch("SELECT admission_id, person_id, position FROM admissions "
+                              "WHERE release_id = $1 ORDER BY position", rid)
+        booked = {r["person_id"] for r in await db.fetch(
+            "SELECT person_id FROM bookings WHERE release_id = $1", rid)}
+        if len(rows) == len(issued) and len(booked) == 4:
+            break
+        await asyncio.sleep(0.1)
+    assert {r["admission_id"]: r["person_id"] for r in rows} == issued
+    assert [r["position"] for r in rows] == list(range(1, len(issued) + 1))
+    assert len({r["person_id"] for r in rows}) == len(rows)  # nobody admitted twice
+    assert booked <= set(issued.values())
+
+
+async def test_a_refusal_no_retry_can_change_spends_the_admission(api, redis, stack_settings):
+    release = await api.create_release(release_definition(
+        [2], opens_in=-1, mode="queue", eligibility={"min_age": 110}))
+    rid = release["release_id"]
+    a, = residents(stack_settings, 1)
+    standing = await _join(api, rid, a)
+    status, _, body = await _claim(api, rid, a, standing["admission_token"])
+    assert (status, body["code"]) == (403, "not_eligible")
+    status, _, body = await _claim(api, rid, a, standing["admission_token"])
+    assert (status, body["reason"]) == (403, "used")
+    assert await redis.zcard(keys.queue_keys(rid)["live"]) == 0  # its place is free

@@ -38,7 +38,7 @@ from .auth import resident
 from .bodies import read_json_object
 from .limits import client_of
 from .middleware import problem_response
-from .queue import finish_admission, spend_admission
+from .queue import admission_of
 
 MAX_IDEMPOTENCY_KEY = 128
 # How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
@@ -98,6 +98,8 @@ def _refusal(outcome: ClaimOutcome, release_id: str) -> errors.ServiceError:
         return errors.Closed("the release is closed")
     if status == "not_eligible":
         return errors.NotEligible(f"not eligible for this vaccine ({detail})", reason=detail)
+    if status == "admission":
+        return errors.Forbidden(f"the admission token is {detail}", reason=detail)
     if status == "unknown_slot":
         return errors.NotFound("no such slot in this release", field="slot_id")
     if status == "not_found":
@@ -159,20 +161,17 @@ async def post_claim(request: web.Request) -> web.Response:
         claim_result("not_your_person").inc()
         raise errors.NotYourPerson("this account may not book for that person")
 
-    # Queue mode: only with an admission from the waiting room, spent here (single use).
-    admission = (await spend_admission(request, view, person_id, data)
-                 if view.document.get("mode") == "queue" else None)
-    try:
-        return await _claim(request, view, principal, person_id, slot_id, idempotency_key,
-                            limits)
-    finally:
-        if admission is not None:
-            await finish_admission(request, release_id, admission)
+    # Queue mode: the admission from the waiting room, signed for this release and person;
+    # the claim script checks it is unused and unexpired and spends it with the claim.
+    admission = (admission_of(request, view, person_id, data)
+                 if view.document.get("mode") == "queue" else "")
+    return await _claim(request, view, principal, person_id, slot_id, idempotency_key,
+                        limits, admission)
 
 
 async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
                  person_id: str, slot_id: str, idempotency_key: str,
-                 limits: tuple[ClaimLimit, ...]) -> web.Response:
+                 limits: tuple[ClaimLimit, ...], admission: str) -> web.Response:
     app, release_id = request.app, view.release_id
     grant = principal.persons[person_id]
     day = view.visit_day(slot_id)
@@ -184,6 +183,7 @@ async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
         claim_id=claim_id, account_id=principal.account_id, person_id=person_id,
         slot_id=slot_id, idempotency_key=idempotency_key, birth=grant.birth, sex=grant.sex,
         day="" if slot_id else day, request_id=request["request_id"], limits=limits,
+        admission=admission,
     )
     # Limits and bans span releases: reserve on the person's own slot first.
     doc = view.document

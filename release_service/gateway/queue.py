@@ -46,7 +46,7 @@ def _own_person(request: web.Request, person_id: object) -> str:
 
 
 def _observe(release_id: str, standing: Standing) -> None:
-    if standing.release:  # a full standing (queue_use tells only what it advanced)
+    if standing.release:
         QUEUE_LENGTH.labels(release_id).set(standing.waiting)
     if standing.admitted_now:
         QUEUE_ADMITTED.labels(release_id).inc(standing.admitted_now)
@@ -118,19 +118,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                      await room.status(view.release_id, person_id))
 
 
-async def spend_admission(request: web.Request, view: ReleaseView, person_id: str,
-                          data: dict[str, object]) -> str:
-    """The claim's check in queue mode: a valid token for this release and person, spent
-    now (single use). Returns its jti; `finish_admission` frees its place afterwards."""
-    jti = request.app[ADMISSION_TOKENS].verify(
-        data.get("admission_token"), view.release_id, person_id, request.app[CATALOG].now_ms())
-    outcome = await request.app[WAITING_ROOM].use(view.release_id, person_id, jti)
-    _observe(view.release_id, outcome)
-    if outcome.status != "ok":
-        raise errors.Forbidden(f"the admission token is {outcome.status}",
-                               reason=outcome.status)
-    return jti
-
-
-async def finish_admission(request: web.Request, release_id: str, jti: str) -> None:
-    await request.app[WAITING_ROOM].finish(release_id, jti)
+def admission_of(request: web.Request, view: ReleaseView, person_id: str,
+                 data: dict[str, object]) -> str:
+    """The claim's admission in queue mode: the jti of a token signed for this release and
+    person (403 without one). Whether it is unused and unexpired is the claim script's
+    to check, against Redis's clock, as it spends it."""
+    return request.app[ADMISSION_TOKENS].verify(data.get("admission_token"),
+                                                view.release_id, person_id)
