@@ -27,8 +27,8 @@ def _lottery_view(request: web.Request) -> ReleaseView:
 
 
 async def enter(request: web.Request) -> web.Response:
+    principal, person_id, grant = await acting_person(request)  # 401 before anything else
     view = _lottery_view(request)
-    principal, person_id, grant = await acting_person(request)
     outcome = await request.app[LOTTERY].enter(view.release_id, person_id,
                                                principal.account_id, grant.birth, grant.sex)
     if outcome.status == "not_open":

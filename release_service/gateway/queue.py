@@ -16,6 +16,7 @@ from aiohttp import web
 from .. import errors
 from ..catalog import ReleaseView
 from ..metrics import QUEUE_ADMITTED, QUEUE_LENGTH, QUEUE_RETURNED
+from ..tokens import Principal
 from ..waiting_room import Standing
 from .appkeys import ADMISSION_TOKENS, CATALOG, WAITING_ROOM
 from .auth import resident
@@ -39,8 +40,8 @@ def _queue_release(request: web.Request) -> ReleaseView:
     return view
 
 
-def _own_person(request: web.Request, person_id: object) -> str:
-    if not isinstance(person_id, str) or person_id not in resident(request).persons:
+def _own_person(principal: Principal, person_id: object) -> str:
+    if not isinstance(person_id, str) or person_id not in principal.persons:
         raise errors.NotYourPerson("this account may not queue for that person")
     return person_id
 
@@ -75,8 +76,9 @@ def _body(request: web.Request, release_id: str, person_id: str,
 
 
 async def join(request: web.Request) -> web.Response:
+    principal = resident(request)  # 401 before anything about the release is told
     view = _queue_release(request)
-    person_id = _own_person(request, (await read_json_object(request)).get("person_id"))
+    person_id = _own_person(principal, (await read_json_object(request)).get("person_id"))
     standing = await request.app[WAITING_ROOM].join(view.release_id, person_id)
     body = _body(request, view.release_id, person_id, standing)
     return web.Response(status=201 if standing.joined else 200,
@@ -85,8 +87,9 @@ async def join(request: web.Request) -> web.Response:
 
 async def poll(request: web.Request) -> web.Response:
     """The polling fallback of the event stream: the same body as one event."""
+    principal = resident(request)
     view = _queue_release(request)
-    person_id = _own_person(request, request.match_info["person_id"])
+    person_id = _own_person(principal, request.match_info["person_id"])
     standing = await request.app[WAITING_ROOM].status(view.release_id, person_id)
     return web.Response(body=orjson.dumps(_body(request, view.release_id, person_id, standing)),
                         content_type=JSON, headers={"Cache-Control": "no-store"})
@@ -95,8 +98,9 @@ async def poll(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     """`event: standing` whenever it changes (checked every second); the stream ends once
     the admission is used or expired, or the release is sold out or closed."""
+    principal = resident(request)
     view = _queue_release(request)
-    person_id = _own_person(request, request.match_info["person_id"])
+    person_id = _own_person(principal, request.match_info["person_id"])
     room = request.app[WAITING_ROOM]
     first = _body(request, view.release_id, person_id,
                   await room.status(view.release_id, person_id))  # 4xx before streaming

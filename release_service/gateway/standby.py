@@ -26,8 +26,8 @@ def _release_id(request: web.Request) -> str:
 
 
 async def join_standby(request: web.Request) -> web.Response:
+    principal, person_id, grant = await acting_person(request)  # 401 before anything else
     release_id = _release_id(request)
-    principal, person_id, grant = await acting_person(request)
     place = await request.app[STANDBY].join(release_id, person_id, principal.account_id,
                                             grant.birth, grant.sex, request["request_id"])
     if place.status == "already_claimed":
@@ -51,8 +51,8 @@ async def get_standby(request: web.Request) -> web.Response:
     """The list's length; with `?person_id=` (one of the caller's persons) also its place
     (`position` null when not on the list) and the person's claim in the release, if any
     (with `decline_until` for a slot handed over from the list)."""
-    release_id = _release_id(request)
     principal = resident(request)
+    release_id = _release_id(request)
     await limit(request, "lookups", principal.account_id, message="too many lookups")
     person_id = request.query.get("person_id")
     if person_id is None:
