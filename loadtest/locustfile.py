@@ -7,9 +7,13 @@
 
 Residents (from a `release-service seed-users` file) wait for the opening, claim (some for
 a family member, some retrying with the same Idempotency-Key as a flaky phone would),
-look up their booking, and some cancel; browsers poll the release page. At the end the
-invariants are checked through the admin API (claimed + remaining = capacity, every 201
-a distinct code, no 5xx) and the exit code says whether they held.
+look up their booking, and some cancel; browsers poll the release page. The release's
+mode decides the residents' way in: `first_come` claims at once; `queue` joins the
+waiting room, polls the standing (the events' polling form) until admitted and claims
+with the admission token; `lottery` enters the draw. At the end the invariants are
+checked through the admin API (claimed + remaining = capacity, every 201 a distinct
+code, no 5xx; a drawn lottery booked exactly its winners) and the exit code says whether
+they held. `--create-release N --mode queue|lottery` creates a release of that mode.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 import secrets
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,8 +41,10 @@ class Shared:
     accounts: ClassVar[list[dict[str, Any]]] = []
     next_account = itertools.count()
     release_id = ""
+    mode = "first_come"
     capacity = 0
     codes: ClassVar[dict[str, str]] = {}  # code -> claim id, to find double-issued codes
+    entered: ClassVar[set[str]] = set()  # persons whose lottery entry was accepted
     duplicate_codes = 0
     lock = threading.Lock()
 
@@ -56,6 +63,12 @@ def _options(parser: Any) -> None:
                         help="seconds from the start until the created release opens")
     parser.add_argument("--cancel-share", type=float, default=0.05,
                         help="share of winners who cancel again")
+    parser.add_argument("--mode", default="first_come",
+                        choices=["first_come", "queue", "lottery"],
+                        help="mode of the created release (a given release has its own)")
+    parser.add_argument("--window", type=float, default=3600.0,
+                        help="seconds the created release stays open (a lottery's entry "
+                             "window: it is drawn when the window ends)")
 
 
 def _admin(environment: Environment) -> dict[str, str]:
@@ -69,8 +82,6 @@ def _start(environment: Environment, **_: Any) -> None:
                        Path(options.users_file).read_bytes().splitlines() if line.strip()]
     Shared.release_id = options.release_id
     if options.create_release:
-        import urllib.request
-
         opens = datetime.now(UTC) + timedelta(seconds=options.opens_in)
         day = datetime.now(UTC) + timedelta(days=7)
         slots = [{"slot_id": f"slot-{i}", "starts_at": (day + timedelta(hours=i)).isoformat(),
@@ -79,8 +90,9 @@ def _start(environment: Environment, **_: Any) -> None:
                  for i in range(4)]
         definition = {"release_id": f"locust-{secrets.token_hex(4)}", "vaccine": "HPV9",
                       "dose": 1, "clinic_id": "locust-clinic", "department": "vaccination",
-                      "opens_at": opens.isoformat(),
-                      "closes_at": (opens + timedelta(hours=1)).isoformat(), "slots": slots}
+                      "opens_at": opens.isoformat(), "mode": options.mode,
+                      "closes_at": (opens + timedelta(seconds=options.window)).isoformat(),
+                      "slots": slots}
         request = urllib.request.Request(
             environment.host + "/v1/admin/releases", data=orjson.dumps(definition),
             headers={**_admin(environment), "Content-Type": "application/json"})
@@ -88,6 +100,9 @@ def _start(environment: Environment, **_: Any) -> None:
             Shared.release_id = orjson.loads(response.read())["release_id"]
     if not Shared.release_id:
         raise SystemExit("give --release-id or --create-release N")
+    with urllib.request.urlopen(f"{environment.host}/v1/releases/{Shared.release_id}",
+                                timeout=10) as response:
+        Shared.mode = orjson.loads(response.read()).get("mode", "first_come")
 
 
 class Resident(FastHttpUser):
@@ -109,18 +124,83 @@ class Resident(FastHttpUser):
         if self.done:
             self.look_up_or_idle()
             return
-        persons = self.account["person_ids"]
-        person = random.choice(persons) if len(persons) > 1 and random.random() < 0.3 \
-            else persons[0]
+        if not hasattr(self, "person"):
+            persons = self.account["person_ids"]
+            self.person = random.choice(persons) \
+                if len(persons) > 1 and random.random() < 0.3 else persons[0]
+        claim: dict[str, str] = {"person_id": self.person}
+        if Shared.mode == "lottery":
+            self.enter_lottery()
+            return
+        if Shared.mode == "queue":
+            token = self.admission()
+            if not token:
+                return
+            claim["admission_token"] = token
         headers = dict(self.headers)
         flaky = random.random() < 0.2
         if flaky:
             headers["Idempotency-Key"] = secrets.token_hex(8)
         for attempt in range(2 if flaky else 1):  # a flaky phone sends it twice
             with self.client.post(f"/v1/releases/{Shared.release_id}/claims",
-                                  json={"person_id": person}, headers=headers, name=CLAIM,
+                                  json=claim, headers=headers, name=CLAIM,
                                   catch_response=True) as response:
                 self.on_claim(response, replay=attempt == 1)
+
+    def admission(self) -> str:
+        """Queue mode: join once, then poll the standing; the admission token once
+        admitted ("" meanwhile, or when told the stock is gone)."""
+        path = f"/v1/releases/{Shared.release_id}/queue"
+        if not getattr(self, "queued", False):
+            with self.client.post(path, json={"person_id": self.person}, headers=self.headers,
+                                  name="/v1/releases/[id]/queue",
+                                  catch_response=True) as response:
+                self.queued = response.status_code in (200, 201)
+                if response.status_code in (409, 410):  # sold out or closed: told at once
+                    self.finish(response, "")
+                elif response.status_code in (425, 429) or self.queued:
+                    response.success()
+                    time.sleep(float(response.headers.get("Retry-After", "1")))
+                else:
+                    response.failure(f"queue join answered {response.status_code}")
+            return ""
+        with self.client.get(f"{path}/{self.person}", headers=self.headers,
+                             name="/v1/releases/[id]/queue/[person]",
+                             catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"standing answered {response.status_code}")
+                return ""
+            standing = response.json()
+            if standing.get("admission_token"):
+                return str(standing["admission_token"])
+            if standing["release_status"] in ("sold_out", "closed") or \
+                    standing["status"] in ("used", "expired"):
+                self.finish(response, "")
+            else:
+                time.sleep(1.0)  # the events' polling form: once a second
+        return ""
+
+    def enter_lottery(self) -> None:
+        with self.client.post(f"/v1/releases/{Shared.release_id}/lottery/entries",
+                              json={"person_id": self.person}, headers=self.headers,
+                              name="/v1/releases/[id]/lottery/entries",
+                              catch_response=True) as response:
+            if response.status_code in (200, 201):
+                with Shared.lock:
+                    Shared.entered.add(self.person)
+                self.finish(response, "")
+            elif response.status_code in (425, 429):
+                response.success()
+                time.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
+            elif response.status_code in (403, 410):
+                self.finish(response, "")
+            else:
+                response.failure(f"lottery entry answered {response.status_code}")
+
+    def finish(self, response: Any, code: str) -> None:
+        response.success()
+        self.done = True
+        self.code = code
 
     def on_claim(self, response: Any, replay: bool) -> None:
         status = response.status_code
@@ -130,16 +210,12 @@ class Resident(FastHttpUser):
                 earlier = Shared.codes.setdefault(body["code"], body["claim_id"])
                 if earlier != body["claim_id"]:
                     Shared.duplicate_codes += 1
-            self.code = body["code"]
-            self.done = True
-            response.success()
+            self.finish(response, body["code"])
         elif status == 425:  # not open yet: wait as a phone would, then try again
             response.success()
             time.sleep(min(float(response.headers.get("Retry-After", "1")), 2.0))
         elif status in (409, 403, 410):  # sold out, limits, closed: an answer, not a failure
-            response.success()
-            self.done = True
-            self.code = ""
+            self.finish(response, "")
         elif status == 429:
             response.success()
             time.sleep(float(response.headers.get("Retry-After", "1")))
@@ -172,8 +248,6 @@ class Browser(FastHttpUser):
 @events.quitting.add_listener
 def _check_invariants(environment: Environment, **_: Any) -> None:
     """Set the exit code: 1 when any invariant does not hold."""
-    import urllib.request
-
     problems = []
     total = environment.stats.total
     if Shared.duplicate_codes:
@@ -189,8 +263,11 @@ def _check_invariants(environment: Environment, **_: Any) -> None:
                 problems.append(f"slot {slot['slot_id']} does not add up: {slot}")
         if view["remaining"] == 0 and view["claimed"] != view["capacity"]:
             problems.append("sold out but claimed differs from capacity")
-        print(f"release {Shared.release_id}: capacity {view['capacity']}, claimed "
-              f"{view['claimed']}, cancelled {view['cancelled']}, remaining {view['remaining']}")
+        print(f"release {Shared.release_id} ({Shared.mode}): capacity {view['capacity']}, "
+              f"claimed {view['claimed']}, cancelled {view['cancelled']}, "
+              f"remaining {view['remaining']}")
+        if Shared.mode == "lottery":
+            problems += _lottery_problems(environment, view)
     if total.num_failures:
         problems.append(f"{total.num_failures} failed requests (5xx or unexpected answers)")
     print(f"requests: {total.num_requests}, failures: {total.num_failures}, "
@@ -199,3 +276,23 @@ def _check_invariants(environment: Environment, **_: Any) -> None:
         print("INVARIANT BROKEN:", problem)
     environment.process_exit_code = 1 if problems else 0
 
+
+def _lottery_problems(environment: Environment, view: dict[str, Any]) -> list[str]:
+    """Every accepted entry counted; once drawn, winners = min(entries, stock), each booked."""
+    with urllib.request.urlopen(
+            f"{environment.host}/v1/releases/{Shared.release_id}/lottery",
+            timeout=10) as response:
+        result = orjson.loads(response.read())
+    print(f"lottery: {result['entries']} entries ({len(Shared.entered)} accepted in this "
+          f"run), state {result['state']}")
+    problems = []
+    if result["entries"] < len(Shared.entered):
+        problems.append(f"{len(Shared.entered)} entries accepted, {result['entries']} counted")
+    if result["state"] == "drawn":
+        winners = len(result["winners"]) + len(result.get("skipped", []))
+        if winners != min(result["entries"], view["capacity"]):
+            problems.append(f"{winners} drawn for {result['entries']} entries and "
+                            f"{view['capacity']} slots")
+        if view["claimed"] != len(result["winners"]):
+            problems.append(f"{len(result['winners'])} winners but {view['claimed']} claimed")
+    return problems
