@@ -1,7 +1,8 @@
 """Chaos runs: faults injected during a release spike, then the promises counted.
 
     python loadtest/chaos.py [--scenarios all|NAME,...] [--residents 3000] [--stock 600]
-                             [--appendfsync everysec|always] [--json chaos.json]
+                             [--mode first_come|queue] [--appendfsync everysec|always]
+                             [--json chaos.json]
 
 Starts its own stack (Redis with an append-only file, the broker, PostgreSQL) in a
 scratch folder, a gateway with two processes, the relay and both consumers. For each
@@ -18,6 +19,18 @@ waits until the pipeline has caught up. Then it counts, per scenario:
   lost          acknowledged claims without a booking row (must be 0)
   recover_s     seconds from the last restart until every acknowledged claim is
                 persisted and has its SMS
+
+With --mode queue the release is a waiting room: every resident joins before the
+opening, polls its standing (as a phone app would, retrying connection failures and 503s)
+until admitted or told it is sold out, then claims with its admission token (retried as
+above); the faults come a moment after the opening. Counted besides:
+
+  admitted      admissions given in Redis (the release's q:jtis hash)
+  adm_persisted admission rows of the release in PostgreSQL
+  adm_lost      admissions in Redis without a row (must be 0)
+  adm_twice     persons admitted more than once, in Redis or PostgreSQL (must be 0)
+  unadmitted    bookings whose person has no spent admission in Redis or no admission
+                row (must be 0)
 
 Traffic goes to 127.0.0.1 only; every run is bounded in time and stops by itself.
 """
@@ -45,6 +58,8 @@ import asyncpg
 from bench import children_of, free_port, stop_process, wait_http
 from tqdm import tqdm
 
+from release_service import keys
+from release_service.redis_client import redis_from_url
 from release_service.seed import seed_users
 from release_service.settings import Settings, load_settings, write_settings_file
 from release_service.stack import Stack
@@ -52,6 +67,9 @@ from release_service.stack import Stack
 BIN = Path(sys.executable).parent / "release-service"
 SETTLE_SECONDS = 120.0
 ROLES = ("relay", "bookings", "sms")
+MODES = ("first_come", "queue")
+QUEUE_LEAD_SECONDS = 3.0  # the queue release opens this long after its residents joined
+POLL_SECONDS = 0.5  # a waiting app's polling interval
 
 
 @dataclass
@@ -68,6 +86,18 @@ class Outcome:
     lost: int
     recover_s: float
     lost_claims: list[str]
+    mode: str = "first_come"
+    admitted: int = 0
+    admissions_persisted: int = 0
+    admissions_lost: int = 0
+    admitted_twice: int = 0
+    unadmitted: int = 0
+
+    @property
+    def broken(self) -> bool:
+        """A promise broken (the claims an OS crash takes are measured, not promised)."""
+        return bool(self.oversold or self.duplicated or (self.lost and self.scenario != OS_CRASH)
+                    or self.admissions_lost or self.admitted_twice or self.unadmitted)
 
 
 class Chaos:
@@ -130,16 +160,27 @@ class Chaos:
         self.stack.down()
 
     # -- one scenario ------------------------------------------------------------------
-    async def run(self, name: str, stock: int) -> Outcome:
+    async def run(self, name: str, stock: int, mode: str = "first_come") -> Outcome:
         injected, inject, restore = SCENARIOS[name]
         base = f"http://127.0.0.1:{self.port}"
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=500)) as session:
-            release_id = await self.create_release(session, base, stock)
-            # The AOF's size before the spike: where a simulated OS crash cuts it back to.
-            self.aof_mark = self.stack.redis_aof_tail().stat().st_size
-            spike = asyncio.gather(*(claim(session, base, release_id, token, person)
-                                     for person, token in self.people))
+            if mode == "queue":
+                opens_in = QUEUE_LEAD_SECONDS + len(self.people) / 500
+                release_id = await self.create_release(session, base, stock, mode, opens_in)
+                opens = time.monotonic() + opens_in
+                await asyncio.gather(*(join(session, base, release_id, token, person)
+                                       for person, token in self.people))
+                self.aof_mark = self.stack.redis_aof_tail().stat().st_size
+                spike = asyncio.gather(*(queued_claim(session, base, release_id, token, person)
+                                         for person, token in self.people))
+                await asyncio.sleep(max(0.0, opens - time.monotonic()))
+            else:
+                release_id = await self.create_release(session, base, stock)
+                # The AOF's size before the spike: where a simulated OS crash cuts it back to.
+                self.aof_mark = self.stack.redis_aof_tail().stat().st_size
+                spike = asyncio.gather(*(claim(session, base, release_id, token, person)
+                                         for person, token in self.people))
             await asyncio.sleep(0.15)  # a moment into the spike
             inject(self)
             await asyncio.sleep(1.0)
@@ -148,10 +189,10 @@ class Chaos:
             answers = await spike
         acknowledged = {a["claim_id"]: a["code"] for a in answers if a is not None}
         return await self.count(name, injected, release_id, len(self.people), stock,
-                                acknowledged, restored)
+                                acknowledged, restored, mode)
 
-    async def create_release(self, session: aiohttp.ClientSession, base: str,
-                             stock: int) -> str:
+    async def create_release(self, session: aiohttp.ClientSession, base: str, stock: int,
+                             mode: str = "first_come", opens_in: float = -60.0) -> str:
         release_id = f"chaos-{secrets.token_hex(4)}"
         day = datetime.now(UTC) + timedelta(days=10)
         slots = [{"slot_id": f"s{i}", "starts_at": day.replace(hour=1 + i).isoformat(),
@@ -160,10 +201,15 @@ class Chaos:
         now = datetime.now(UTC)
         definition = {"release_id": release_id, "vaccine": "HPV9", "dose": 1,
                       "clinic_id": "chaos-01", "department": "vaccination",
-                      "opens_at": (now - timedelta(minutes=1)).isoformat(),
+                      "opens_at": (now + timedelta(seconds=opens_in)).isoformat(),
                       "closes_at": (now + timedelta(hours=1)).isoformat(), "slots": slots,
                       "limits": {"same_day_clinic": -1, "per_day": -1, "per_7_days": -1,
                                  "per_3_months": -1}}
+        if mode == "queue":
+            # Admissions spread over about two seconds, so the faults meet them.
+            definition |= {"mode": "queue", "queue": {
+                "admit_factor": 1.5, "max_admit_per_second": max(10, stock * 3 // 4),
+                "token_seconds": 60}}
         async with session.post(f"{base}/v1/admin/releases", json=definition, headers={
                 "Authorization": f"Bearer {self.settings.admin_token}"}) as response:
             if response.status != 201:
@@ -171,8 +217,11 @@ class Chaos:
         return release_id
 
     async def count(self, name: str, injected: str, release_id: str, residents: int,
-                    stock: int, acknowledged: dict[str, str], restored: float) -> Outcome:
+                    stock: int, acknowledged: dict[str, str], restored: float,
+                    mode: str = "first_come") -> Outcome:
         db = await asyncpg.connect(self.settings.database_url)
+        redis = redis_from_url(self.settings.redis_url)
+        jtis_key = keys.queue_keys(release_id)["jtis"]
         try:
             deadline = time.monotonic() + SETTLE_SECONDS
             while True:
@@ -183,30 +232,120 @@ class Chaos:
                     "WHERE b.release_id = $1 AND m.kind = 'confirmation' "
                     "AND m.status = 'sent'", release_id)
                 persisted = {r["claim_id"] for r in rows}
-                if (set(acknowledged) <= persisted and sent >= len(rows)) or \
-                        time.monotonic() > deadline:
+                given: dict[str, str] = {}
+                stored: dict[str, str] = {}
+                if mode == "queue":
+                    given = {k.decode(): v.decode()
+                             for k, v in (await redis.hgetall(jtis_key)).items()}
+                    stored = {r["admission_id"]: r["person_id"] for r in await db.fetch(
+                        "SELECT admission_id, person_id FROM admissions WHERE release_id = $1",
+                        release_id)}
+                if (set(acknowledged) <= persisted and sent >= len(rows)
+                        and set(given) <= set(stored)) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.25)
         finally:
             await db.close()
+            await redis.aclose()
         recover = time.monotonic() - restored
         duplicated = (len(rows) - len({r["code"] for r in rows})) + \
             (len(rows) - len({r["person_id"] for r in rows}))
-        return Outcome(name, injected, residents, stock, len(acknowledged), len(rows),
-                       sent, max(0, len(rows) - stock), duplicated,
-                       len(set(acknowledged) - persisted), round(recover, 1),
-                       sorted(set(acknowledged) - persisted))
+        outcome = Outcome(name, injected, residents, stock, len(acknowledged), len(rows),
+                          sent, max(0, len(rows) - stock), duplicated,
+                          len(set(acknowledged) - persisted), round(recover, 1),
+                          sorted(set(acknowledged) - persisted), mode)
+        if mode == "queue":
+            booked = [r["person_id"] for r in rows]
+            count_admissions(outcome, given, stored, booked)
+        return outcome
+
+
+def count_admissions(outcome: Outcome, given: dict[str, str], stored: dict[str, str],
+                     booked: list[str]) -> None:
+    """The admission columns of a queue-mode outcome. `given`: the release's q:jtis hash
+    (jti -> person, "u:" person once spent, "x:" person once expired); `stored`: its
+    admission rows (admission_id -> person); `booked`: the persons of its booking rows."""
+    holder = {jti: person.split(":", 1)[-1] for jti, person in given.items()}
+    admissions_of: dict[str, set[str]] = {}
+    for jti, person in {**holder, **stored}.items():
+        admissions_of.setdefault(person, set()).add(jti)
+    spent = {person for person in given.values() if person.startswith("u:")}
+    outcome.admitted = len(given)
+    outcome.admissions_persisted = len(stored)
+    outcome.admissions_lost = len(set(given) - set(stored))
+    outcome.admitted_twice = sum(1 for jtis in admissions_of.values() if len(jtis) > 1)
+    outcome.unadmitted = sum(1 for person in booked
+                             if f"u:{person}" not in spent or person not in stored.values())
+
+
+async def join(session: aiohttp.ClientSession, base: str, release_id: str, token: str,
+               person: str) -> bool:
+    """A resident's app joins the waiting room (retried on connection failures and 503):
+    whether it is in (False: sold out, or refused for good)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            async with session.post(f"{base}/v1/releases/{release_id}/queue",
+                                    json={"person_id": person}, headers=headers) as response:
+                if response.status in (200, 201):
+                    return True
+                if response.status not in (503, 429):
+                    return False
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def admission(session: aiohttp.ClientSession, base: str, release_id: str, token: str,
+                    person: str) -> str | None:
+    """Poll the standing as a waiting app does until admitted (its admission token) or told
+    the release is over or the turn gone (None). Not in the queue (a join lost): join again."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{base}/v1/releases/{release_id}/queue/{person}",
+                                   headers=headers) as response:
+                body = await response.json() if response.content_type.endswith("json") else {}
+                if response.status == 200:
+                    if body["status"] == "admitted":
+                        return str(body["admission_token"])
+                    if body["status"] in ("used", "expired") or \
+                            body["release_status"] in ("sold_out", "closed"):
+                        return None
+                elif response.status == 404:
+                    if not await join(session, base, release_id, token, person):
+                        return None
+                elif response.status not in (503, 429):
+                    return None  # sold out or closed (the standing's refusals)
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        await asyncio.sleep(POLL_SECONDS * (0.5 + secrets.randbelow(1000) / 1000))
+    return None
+
+
+async def queued_claim(session: aiohttp.ClientSession, base: str, release_id: str,
+                       token: str, person: str) -> dict[str, str] | None:
+    """A queued resident's app: wait for the admission, then claim with it."""
+    admission_token = await admission(session, base, release_id, token, person)
+    if admission_token is None:
+        return None
+    return await claim(session, base, release_id, token, person,
+                       {"admission_token": admission_token})
 
 
 async def claim(session: aiohttp.ClientSession, base: str, release_id: str, token: str,
-                person: str) -> dict[str, str] | None:
+                person: str, extra: dict[str, str] | None = None) -> dict[str, str] | None:
     """A resident's app: one Idempotency-Key, retried on connection failures and 503."""
     headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": secrets.token_hex(8)}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             async with session.post(f"{base}/v1/releases/{release_id}/claims",
-                                    json={"person_id": person}, headers=headers) as response:
+                                    json={"person_id": person, **(extra or {})},
+                                    headers=headers) as response:
                 if response.status == 201:
                     body = await response.json()
                     return {"claim_id": body["claim_id"], "code": body["code"]}
@@ -295,17 +434,25 @@ SCENARIOS: dict[str, tuple[str, Callable[[Chaos], None], Callable[[Chaos], None]
 
 
 def table(outcomes: list[Outcome]) -> str:
+    queued = any(o.mode == "queue" for o in outcomes)
     head = (f"{'scenario':<22}{'acked':>7}{'persisted':>10}{'sms':>6}{'oversold':>9}"
             f"{'dup':>5}{'lost':>6}{'recover_s':>10}")
+    if queued:
+        head += (f"{'admitted':>9}{'adm_persisted':>14}{'adm_lost':>9}{'adm_twice':>10}"
+                 f"{'unadmitted':>11}")
     lines = [head, "-" * len(head)]
     for o in outcomes:
-        lines.append(f"{o.scenario:<22}{o.acknowledged:>7}{o.persisted:>10}{o.sms:>6}"
-                     f"{o.oversold:>9}{o.duplicated:>5}{o.lost:>6}{o.recover_s:>10.1f}")
+        line = (f"{o.scenario:<22}{o.acknowledged:>7}{o.persisted:>10}{o.sms:>6}"
+                f"{o.oversold:>9}{o.duplicated:>5}{o.lost:>6}{o.recover_s:>10.1f}")
+        if queued:
+            line += (f"{o.admitted:>9}{o.admissions_persisted:>14}{o.admissions_lost:>9}"
+                     f"{o.admitted_twice:>10}{o.unadmitted:>11}")
+        lines.append(line)
     return "\n".join(lines)
 
 
 def run(names: list[str], residents: int, stock: int, appendfsync: str,
-        keep: bool = False) -> list[Outcome]:
+        keep: bool = False, mode: str = "first_come") -> list[Outcome]:
     folder = Path(tempfile.mkdtemp(prefix="release-chaos-"))
     folder.chmod(0o755)  # PostgreSQL runs as another user when we are root
     chaos = Chaos(folder, appendfsync)
@@ -313,7 +460,7 @@ def run(names: list[str], residents: int, stock: int, appendfsync: str,
         chaos.setup(residents)
         outcomes = []
         for name in tqdm(names, desc="chaos scenarios", unit="scenario", file=sys.stderr):
-            outcomes.append(asyncio.run(chaos.run(name, stock)))
+            outcomes.append(asyncio.run(chaos.run(name, stock, mode)))
         return outcomes
     finally:
         chaos.close()
@@ -332,6 +479,9 @@ def main() -> int:
                         help=f"comma-separated, or all: {', '.join(SCENARIOS)}")
     parser.add_argument("--residents", type=int, default=3000, help="claimants per scenario")
     parser.add_argument("--stock", type=int, default=600, help="slots per release")
+    parser.add_argument("--mode", choices=MODES, default="first_come",
+                        help="first_come: everyone claims at once; queue: everyone joins a "
+                             "waiting room, polls, and claims once admitted")
     parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
                         help="Redis AOF fsync policy for the run")
     parser.add_argument("--json", type=Path, help="also write the outcomes here")
@@ -342,15 +492,15 @@ def main() -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(unknown)}")
-    outcomes = run(names, args.residents, args.stock, args.appendfsync, args.keep)
+    outcomes = run(names, args.residents, args.stock, args.appendfsync, args.keep,
+                   args.mode)
     print(table(outcomes))
     if args.json:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
     for o in outcomes:
         for claim_id in o.lost_claims:
             print(f"LOST in {o.scenario}: claim {claim_id} (answered 201, no booking)")
-    broken = [o.scenario for o in outcomes if o.oversold or o.duplicated
-              or (o.lost and o.scenario != OS_CRASH)]
+    broken = [o.scenario for o in outcomes if o.broken]
     if broken:
         print(f"PROMISES BROKEN in: {', '.join(broken)}", file=sys.stderr)
     return 1 if broken else 0
