@@ -30,7 +30,7 @@ above); the faults come a moment after the opening. Counted besides:
   adm_lost      admissions in Redis without a row (must be 0)
   adm_twice     persons admitted more than once, in Redis or PostgreSQL (must be 0)
   unadmitted    bookings whose person has no spent admission in Redis or no admission
-                row (must be 0)
+                row (must be 0; redis-os-crash: see Outcome.broken)
 
 Traffic goes to 127.0.0.1 only; every run is bounded in time and stops by itself.
 """
@@ -95,9 +95,13 @@ class Outcome:
 
     @property
     def broken(self) -> bool:
-        """A promise broken (the claims an OS crash takes are measured, not promised)."""
-        return bool(self.oversold or self.duplicated or (self.lost and self.scenario != OS_CRASH)
-                    or self.admissions_lost or self.admitted_twice or self.unadmitted)
+        """A promise broken. What an OS crash takes is measured, not promised: claims
+        answered 201 in its last second, and the spending of the admissions of claims
+        reconcile writes back (the room replays from before the crash and admits their
+        persons again, with the same admission ids)."""
+        crash = self.scenario == OS_CRASH
+        return bool(self.oversold or self.duplicated or self.admissions_lost
+                    or self.admitted_twice or ((self.lost or self.unadmitted) and not crash))
 
 
 class Chaos:
@@ -246,7 +250,7 @@ class Chaos:
                 await asyncio.sleep(0.25)
         finally:
             await db.close()
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)  # its own pool
         recover = time.monotonic() - restored
         duplicated = (len(rows) - len({r["code"] for r in rows})) + \
             (len(rows) - len({r["person_id"] for r in rows}))
