@@ -90,6 +90,12 @@ def standby_people_key(release_id: str) -> str:
     return _rel(release_id, "standbywho")
 
 
+def standby_left_key(release_id: str) -> str:
+    """Hash person_id -> JSON {reason, detail, at_ms}: why the person last left the list
+    without the slot offered (refused by a limit or eligibility)."""
+    return _rel(release_id, "standbyleft")
+
+
 def handoffs_key(release_id: str) -> str:
     """Hash handoff_id (the cancelled claim's id) -> JSON: a cancelled slot held for the
     standby list until it is booked by the next person or goes back on sale."""
@@ -107,8 +113,14 @@ def lottery_people_key(release_id: str) -> str:
     return _rel(release_id, "lottery:people")
 
 
+def lottery_seed_key(release_id: str) -> str:
+    """Hash: seed (decimal), committed_at_ms. Written once when the release is created; its
+    SHA-256 is public from then on, the seed itself only with the draw's result."""
+    return _rel(release_id, "lottery:seed")
+
+
 def lottery_result_key(release_id: str) -> str:
-    """Hash: seed, entries, algorithm, drawn_at_ms, state (drawing, notifying, drawn),
+    """Hash: entries, algorithm, drawn_at_ms, state (drawing, notifying, drawn), cursor,
     winners and skipped (JSON). Written once by the draw; the published result."""
     return _rel(release_id, "lottery:result")
 

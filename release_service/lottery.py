@@ -1,13 +1,13 @@
 """Lottery releases: entries during the window, one draw at the draw time (`closes_at`).
 
-The draw runs in one process at a time (a lock under the release's hash tag), records its
-seed before anything else, books winners through claim.lua (mode "draw": the same atomic
-claim, outbox event, booking row and SMS as any claim) and tells everybody else by SMS
-through the outbox (`lottery.lost` events, built in Redis by `lua/lottery_notify.lua`).
-A draw that dies half-way is run again by the next caller with the recorded seed and
-progress, so the same order and the same winners: claims are keyed by entry, a winner
-already booked is found booked, and a repeated loser event is one SMS (the consumer keeps
-one message per event id and kind).
+The draw runs in one process at a time (a lock under the release's hash tag), shuffles with
+the seed committed to when the release was created (`lottery_draw.py`), books winners
+through claim.lua (mode "draw": the same atomic claim, outbox event, booking row and SMS as
+any claim) and tells everybody else by SMS through the outbox (`lottery.lost` events,
+built in Redis by `lua/lottery_notify.lua`). A draw that dies half-way is run again by the
+next caller with the committed seed and the recorded progress, so the same order and the
+same winners: claims are keyed by entry, a winner already booked is found booked, and a
+repeated loser event is one SMS (the consumer keeps one message per event id and kind).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from . import keys
 from .aio import wait_event
 from .catalog import ReleaseCatalog, ReleaseView
 from .claim_script import ClaimRequest, ClaimScript
-from .lottery_draw import DRAW_ALGORITHM, draw_order, new_seed
+from .lottery_draw import ALGORITHM_TEXT, DRAW_ALGORITHM, commit_seed, draw_order, seed_commitment
 from .lua import lua_source
 from .person_script import PersonScript, Reservation
 from .redis_client import AnyRedis
@@ -104,16 +104,25 @@ class Lottery:
         return int(number) if number is not None else None
 
     async def result(self, release_id: str) -> dict[str, Any]:
-        """The published result: state, entries, and once drawn the seed and winners."""
-        stored = {_text(k): _text(v) for k, v in
-                  (await self._redis.hgetall(keys.lottery_result_key(release_id))).items()}
-        entries = int(stored.get("entries") or
-                      await self._redis.llen(keys.lottery_entries_key(release_id)))
-        body: dict[str, Any] = {"release_id": release_id, "entries": entries,
+        """The published result: state, entries, the seed's SHA-256 (from the release's
+        creation on), and once drawn the seed and winners."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(keys.lottery_result_key(release_id))
+        pipe.hgetall(keys.lottery_seed_key(release_id))
+        pipe.llen(keys.lottery_entries_key(release_id))
+        result, committed, listed = await pipe.execute()
+        stored = {_text(k): _text(v) for k, v in result.items()}
+        seed = {_text(k): _text(v) for k, v in committed.items()}
+        body: dict[str, Any] = {"release_id": release_id,
+                                "entries": int(stored.get("entries") or listed),
                                 "state": stored.get("state", "open")}
+        if "seed" in seed:
+            body.update({"seed_sha256": seed_commitment(seed["seed"]),
+                         "committed_at_ms": int(seed["committed_at_ms"])})
         if stored.get("state") in ("notifying", "drawn"):  # winners final, SMS on their way
             body.update({
-                "seed": stored["seed"], "algorithm": stored["algorithm"],
+                "seed": seed["seed"], "algorithm": stored["algorithm"],
+                "algorithm_text": ALGORITHM_TEXT,
                 "drawn_at_ms": int(stored["drawn_at_ms"]),
                 "winners": orjson.loads(stored["winners"]),
                 "skipped": orjson.loads(stored["skipped"]),
@@ -138,16 +147,22 @@ class Lottery:
     async def _draw_locked(self, release_id: str, lock: str, token: str) -> None:
         result_key = keys.lottery_result_key(release_id)
         entries_key = keys.lottery_entries_key(release_id)
-        # The seed and the entry count are recorded first, once: a draw run again after
-        # a crash repeats the same draw.
-        await self._redis.hsetnx(result_key, "seed", str(new_seed()))
+        # The seed was committed to at the release's creation and never changes. Only a
+        # release created before commitments gets its seed now (`committed_at_ms` says so).
+        pipe = self._redis.pipeline(transaction=True)
+        commit_seed(pipe, release_id, int(time.time() * 1000))
+        await pipe.execute()
+        # The entry count is recorded first, once: a draw run again after a crash repeats
+        # the same draw.
         await self._redis.hsetnx(result_key, "entries", await self._redis.llen(entries_key))
         recorded = {_text(k): _text(v) for k, v in (await self._redis.hgetall(result_key)).items()}
         if recorded.get("state") == "drawn":
             return
         await self._redis.hsetnx(result_key, "algorithm", DRAW_ALGORITHM)
         await self._redis.hsetnx(result_key, "state", "drawing")  # a run again keeps its own
-        recorded_seed, count = int(recorded["seed"]), int(recorded["entries"])
+        recorded_seed = int(_text(await self._redis.hget(keys.lottery_seed_key(release_id),
+                                                         "seed") or b""))
+        count = int(recorded["entries"])
         started = time.perf_counter()
         raw: list[bytes] = []
         for start in range(0, count, READ_BATCH):

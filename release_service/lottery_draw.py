@@ -1,10 +1,16 @@
-"""The lottery draw itself: a seeded Fisher–Yates shuffle anyone can repeat.
+"""The lottery draw itself: a seeded Fisher–Yates shuffle anyone can repeat, from a seed
+committed to before anyone could enter.
 
-Published with every result (GET /v1/releases/{id}/lottery): the seed, the number of
-entries and the algorithm's name, `DRAW_ALGORITHM`. Entry numbers run from 1 in the order
-entries were accepted. To verify a draw, with Python's standard library only:
+The seed is made by the service when the release is created (`commit_seed`, in the same
+transaction as the release's keys) and kept in Redis on the release's slot. From then on
+GET /v1/releases/{id}/lottery publishes its SHA-256 (`seed_sha256`, of the seed's decimal
+digits in ASCII), so the seed cannot be chosen after seeing the entries; the seed itself is
+published with the result, with the number of entries and the algorithm (`DRAW_ALGORITHM`,
+spelled out in `ALGORITHM_TEXT`). Entry numbers run from 1 in the order entries were
+accepted. To verify a draw, with Python's standard library only:
 
-    rng = random.Random(seed)                # MT19937 seeded with the integer seed
+    assert hashlib.sha256(seed_text.encode()).hexdigest() == seed_sha256  # seen before
+    rng = random.Random(int(seed_text))      # MT19937 seeded with the integer seed
     order = list(range(1, entries + 1))
     for i in range(entries - 1, 0, -1):      # Fisher–Yates, last position first
         j = rng.getrandbits(64) % (i + 1)    # bias below (i + 1) / 2**64: none that matters
@@ -18,15 +24,39 @@ whose person cannot be booked (a limit reached meanwhile), which the result list
 
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
+from typing import Any
+
+from . import keys
 
 DRAW_ALGORITHM = "fisher-yates/mt19937-getrandbits64-mod/v1"
+ALGORITHM_TEXT = (
+    "seed_sha256 = SHA-256 hex of the seed's decimal digits (ASCII). "
+    "rng = Python random.Random(int(seed)); order = [1, 2, ..., entries]; "
+    "for i from entries-1 down to 1: j = rng.getrandbits(64) % (i+1), swap order[i] and "
+    "order[j] (0-based). Winners are taken from the front of order, one per unit of "
+    "stock, passing over the entries listed in skipped: the first len(winners) + "
+    "len(skipped) entries of order are exactly the winners (in order) and the skipped.")
 
 
 def new_seed() -> int:
-    """128 bits from the operating system's generator: recorded before the draw runs."""
+    """128 bits from the operating system's generator: too many to guess from the hash."""
     return secrets.randbits(128)
+
+
+def seed_commitment(seed: int | str) -> str:
+    """The published SHA-256 of a seed, hex."""
+    return hashlib.sha256(str(seed).encode("ascii")).hexdigest()
+
+
+def commit_seed(pipe: Any, release_id: str, now_ms: int) -> None:
+    """Queue the making of the release's seed on a (transactional) pipeline; nothing
+    changes when the release has one: a seed, once committed to, is never replaced."""
+    key = keys.lottery_seed_key(release_id)
+    pipe.hsetnx(key, "seed", str(new_seed()))
+    pipe.hsetnx(key, "committed_at_ms", now_ms)
 
 
 def draw_order(entries: int, seed: int) -> list[int]:

@@ -14,6 +14,7 @@ import orjson
 
 from . import keys
 from .errors import AlreadyExists, Conflict, NotFound
+from .lottery_draw import commit_seed
 from .redis_client import AnyRedis
 from .release_definition import ReleaseDefinition
 from .waiting_room import queue_meta
@@ -115,6 +116,8 @@ async def preheat(
     })
     pipe.hset(keys.cancelled_key(rid), mapping={s.slot_id: 0 for s in d.slots})
     pipe.set(keys.document_key(rid), orjson.dumps(public_document(d, zone)))
+    if d.mode == "lottery":  # committed to before the first entry (lottery_draw.py)
+        commit_seed(pipe, rid, int(datetime.now(UTC).timestamp() * 1000))
     await pipe.execute()
     # The index lives outside the release's slot, so it is written after the release keys.
     await redis.zadd(keys.RELEASE_INDEX_KEY, {rid: epoch_ms(d.closes_at)})

@@ -5,6 +5,7 @@ by SMS, once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from release_service import keys
 from release_service.catalog import ReleaseCatalog
 from release_service.claim_script import ClaimRequest, ClaimScript
 from release_service.lottery import entry_claim_id
-from release_service.lottery_draw import DRAW_ALGORITHM, draw_order
+from release_service.lottery_draw import DRAW_ALGORITHM, draw_order, seed_commitment
 from release_service.person_script import PersonScript, Reservation
 from release_service.seed import seed_users
 
@@ -33,12 +34,33 @@ def verify(entries: int, seed: int) -> list[int]:
     return order
 
 
+def recompute(r: dict, seed_sha256: str) -> list[int]:
+    """README's check of a published result `r` against the commitment seen before the
+    draw, line for line: the winners as anyone recomputes them."""
+    assert hashlib.sha256(r["seed"].encode()).hexdigest() == seed_sha256
+    rng, order = random.Random(int(r["seed"])), list(range(1, r["entries"] + 1))
+    for i in range(r["entries"] - 1, 0, -1):
+        j = rng.getrandbits(64) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    skipped = {s["entry"] for s in r["skipped"]}
+    picked = order[:len(r["winners"]) + len(skipped)]
+    assert skipped <= set(picked)
+    return [n for n in picked if n not in skipped]
+
+
+async def committed_seed(redis, release_id: str) -> int:
+    """The seed the service keeps secret until the draw (the test reads it to arrange a
+    skip, and to compare)."""
+    return int(await redis.hget(keys.lottery_seed_key(release_id), "seed"))
+
+
 def test_draw_is_reproducible_from_its_seed():
     assert draw_order(1000, 42) == draw_order(1000, 42) == verify(1000, 42)
     assert draw_order(1000, 43) != draw_order(1000, 42)
     assert sorted(draw_order(1000, 7)) == list(range(1, 1001))
     assert draw_order(0, 1) == [] and draw_order(1, 1) == [1]
     assert DRAW_ALGORITHM.startswith("fisher-yates")
+    assert seed_commitment(42) == hashlib.sha256(b"42").hexdigest()
 
 
 def test_a_million_entry_draw_time():
@@ -103,18 +125,21 @@ async def test_winners_are_booked_and_the_rest_told_by_sms(api, db, pipeline, re
                            if n not in result["winners"])
 
 
-async def test_a_draw_run_again_after_a_crash_repeats_itself(api, redis, stack_settings):
-    """A draw that died after recording its seed and booking its first winner: the
-    gateway that draws next keeps the seed, finds that booking made, books no one twice."""
+async def test_a_draw_run_again_after_a_crash_keeps_the_committed_seed(api, redis,
+                                                                      stack_settings):
+    """A draw that died after booking its first winner: the gateway that draws next uses
+    the seed committed to at the release's creation, finds that booking made, books no
+    one twice."""
     people = residents(stack_settings, 10)
     rid = (await api.create_release(release_definition([3], closes_in=3, mode="lottery"))
            )["release_id"]
+    commitment = (await api.call("GET", f"/v1/releases/{rid}/lottery"))[2]["seed_sha256"]
     for n, who in enumerate(people, 1):
         assert (await enter(api, rid, who))[1]["entry"] == n
-    seed = 99
+    seed = await committed_seed(redis, rid)
     first = verify(10, seed)[0]
-    await redis.hset(keys.lottery_result_key(rid),
-                     mapping={"seed": seed, "entries": 10, "state": "drawing"})
+    await redis.hset(keys.lottery_result_key(rid), mapping={
+        "entries": 10, "state": "drawing", "algorithm": DRAW_ALGORITHM})
     claim_id = entry_claim_id(rid, seed, first)
     winner = people[first - 1]
     catalog = ReleaseCatalog(redis, 1.0)
@@ -129,7 +154,8 @@ async def test_a_draw_run_again_after_a_crash_repeats_itself(api, redis, stack_s
     assert reserved.status == "ok" and claimed.status == "ok"
 
     result = await drawn(api, rid)
-    assert result["seed"] == "99" and result["winners"] == verify(10, seed)[:3]
+    assert result["seed"] == str(seed) and result["seed_sha256"] == commitment
+    assert recompute(result, commitment) == result["winners"] == verify(10, seed)[:3]
     holders = await redis.hgetall(keys.holders_key(rid))
     assert holders[winner.person_id.encode()] == claim_id.encode()
     assert len(holders) == 3 and await redis.hget(keys.taken_key(rid), "s0") == b"3"
@@ -137,15 +163,24 @@ async def test_a_draw_run_again_after_a_crash_repeats_itself(api, redis, stack_s
     assert kinds == {b"claim.confirmed": 3, b"lottery.lost": 7}
 
 
-async def test_lottery_over_http_drawn_by_the_gateway_at_the_draw_time(api, stack_settings):
+async def test_lottery_over_http_drawn_by_the_gateway_at_the_draw_time(api, redis,
+                                                                      stack_settings):
+    """Drawn at the draw time; the seed's SHA-256 public before any entry, the seed with
+    the result, and a resident's recomputation (README) gives the winners, a skip too."""
     people = residents(stack_settings, 8)
-    rid = (await api.create_release(release_definition([3], closes_in=3, mode="lottery"))
+    elsewhere = (await api.create_release(release_definition([1])))["release_id"]
+    rid = (await api.create_release(release_definition([3], closes_in=4, mode="lottery"))
            )["release_id"]
     base = f"/v1/releases/{rid}/lottery"
+    view = (await api.call("GET", base))[2]
+    assert view["state"] == "open" and len(view["seed_sha256"]) == 64 and "seed" not in view
     assert (await api.claim(rid, people[0]))[2]["code"] == "lottery_release"
     for n, who in enumerate(people, 1):
         status, body = await enter(api, rid, who)
         assert (status, body["entry"]) == (201, n)
+    # The first entry the draw picks already holds a booking that day at that clinic.
+    unlucky = draw_order(8, await committed_seed(redis, rid))[0]
+    assert (await api.claim(elsewhere, people[unlucky - 1]))[0] == 201
     status, body = await enter(api, rid, people[2])
     assert (status, body["entry"]) == (200, 3)
     status, _, body = await api.call("POST", f"/v1/admin/releases/{rid}/lottery/draw",
@@ -154,8 +189,12 @@ async def test_lottery_over_http_drawn_by_the_gateway_at_the_draw_time(api, stac
     assert (await api.call("GET", base))[2]["state"] == "open"
 
     result = await drawn(api, rid)
-    assert result["entries"] == 8
-    assert result["winners"] == verify(8, int(result["seed"]))[:3]
+    assert result["entries"] == 8 and result["algorithm_text"].startswith("seed_sha256 =")
+    assert result["skipped"] == [{"entry": unlucky, "reason": "limit_reached"}]
+    assert recompute(result, view["seed_sha256"]) == result["winners"]
+    assert result["winners"] == [n for n in verify(8, int(result["seed"])) if n != unlucky][:3]
+    assert result["seed_sha256"] == view["seed_sha256"]
+    assert result["committed_at_ms"] == view["committed_at_ms"]
     status, _, again = await api.call("POST", f"/v1/admin/releases/{rid}/lottery/draw",
                                       headers=api.admin_headers)
     assert status == 200 and again == result

@@ -136,8 +136,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "release_id": {"type": "string"}, "entries": {"type": "integer"},
             "state": {"enum": ["open", "drawing", "notifying", "drawn"]}, "draw_at": _TIME,
+            "seed_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "committed_at_ms": {"type": "integer"},
             "seed": {"type": "string", "pattern": "^[0-9]+$"},
-            "algorithm": {"type": "string"}, "drawn_at_ms": {"type": "integer"},
+            "algorithm": {"type": "string"}, "algorithm_text": {"type": "string"},
+            "drawn_at_ms": {"type": "integer"},
             "winners": {"type": "array", "items": {"type": "integer"}},
             "skipped": {"type": "array", "items": {"type": "object",
                                                    "required": ["entry", "reason"]}},
@@ -319,7 +322,7 @@ PATHS: dict[str, dict[str, Any]] = {
         (403, 404, 409, 410, 413, 415, 422, 425, 429), auth="resident",
         params=("release_id",), body=_obj(["person_id"], person_id=_ID))},
     "/v1/releases/{release_id}/lottery": {"get": _op(
-        "The lottery's state; once drawn its seed, algorithm and winners",
+        "The lottery's state and seed commitment; once drawn its seed, algorithm, winners",
         {200: _ref("LotteryResult")}, (404, 409), params=("release_id",))},
     "/v1/admin/releases/{release_id}/lottery/draw": {"post": _op(
         "Draw the lottery now (at or after its draw time)", {200: _ref("LotteryResult")},
