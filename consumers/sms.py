@@ -58,7 +58,18 @@ SMS_RETRIED = Counter("release_sms_retried_total",
 
 CONCURRENCY = 64  # provider calls in flight at once
 KIND_BY_TOPIC = {kafka_topics.CLAIMS: "confirmation", kafka_topics.CANCELLATIONS: "cancellation",
-                 kafka_topics.LOTTERY: "lottery_lost"}
+                 kafka_topics.LOTTERY: "lottery_lost", kafka_topics.STANDBY: "standby_skipped"}
+NOTICES = ("lottery_lost", "standby_skipped")  # name no booking: no code, no slot
+# Why a standby offer was refused (`reason` or `reason:detail` of the event), as told.
+SKIP_REASONS = {
+    "limit_reached:same_day_clinic": "您当天在该门诊已有预约",
+    "limit_reached:per_day": "您当天的预约已达上限",
+    "limit_reached:per_7_days": "您7天内的预约已达上限",
+    "limit_reached:per_3_months": "您3个月内的预约已达上限",
+    "banned": "您暂时不能预约",
+    "already_claimed": "您在本次放号中已有预约",
+    "not_eligible": "您不符合该时段的接种条件",
+}
 WEEKDAYS = "一二三四五六日"
 _MAX_FIELD = 128
 _MAX_ERROR = 500
@@ -67,7 +78,7 @@ _MAX_ERROR = 500
 @dataclass(frozen=True, slots=True)
 class SmsJob:
     claim_id: str
-    kind: str  # "confirmation", "cancellation" or "lottery_lost" (no code, no slot)
+    kind: str  # "confirmation", "cancellation", or a notice (NOTICES: no code, no slot)
     code: str
     release_id: str
     slot_id: str
@@ -76,6 +87,7 @@ class SmsJob:
     # A confirmation of a slot handed over from the standby list: until when the person may
     # decline it (0: an ordinary booking). Same kind, so still one confirmation per booking.
     decline_until_ms: int = 0
+    skip_reason: str = ""  # standby_skipped: "reason" or "reason:detail" (SKIP_REASONS)
 
     @property
     def message_id(self) -> str:
@@ -100,8 +112,7 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
     if kind is None:
         raise InvalidMessage(f"no SMS for topic {record.topic}")
     data = json_object(record)
-    # A lottery notice names no booking: no code, no slot.
-    booked = kind != "lottery_lost"
+    booked = kind not in NOTICES
     names = ("claim_id", "code", "release_id", "slot_id", "account_id") if booked else (
         "claim_id", "release_id", "account_id")
     values = {"code": "", "slot_id": ""}
@@ -119,14 +130,26 @@ def decode(record: ConsumerRecord[bytes, bytes]) -> SmsJob:
         if not isinstance(until, int) or isinstance(until, bool) or until <= 0:
             raise InvalidMessage("decline_until_ms must be a positive integer")
         decline_until_ms = until
+    skip_reason = ""
+    if kind == "standby_skipped":
+        reason, detail = data.get("reason"), data.get("detail", "")
+        if not isinstance(reason, str) or not isinstance(detail, str) \
+                or len(reason) + len(detail) > _MAX_FIELD:
+            raise InvalidMessage("reason and detail must be strings")
+        skip_reason = f"{reason}:{detail}" if detail else reason
     return SmsJob(kind=kind, request_id=request_id_of(record),
-                  decline_until_ms=decline_until_ms, **values)
+                  decline_until_ms=decline_until_ms, skip_reason=skip_reason, **values)
 
 
 def render(job: SmsJob, context: SmsContext, zone: tzinfo) -> str:
     """The message text, the slot's time in the clinic's zone (`settings.zone`)."""
     place = f"{context.clinic_id}{context.department}"
     vaccine = f"{context.vaccine}第{context.dose}剂"
+    if job.kind == "standby_skipped":
+        why = SKIP_REASONS.get(job.skip_reason) or SKIP_REASONS.get(
+            job.skip_reason.split(":")[0], "您的预约条件不满足")
+        return (f"【疫苗预约】{place}的{vaccine}有名额转给候补，但{why}，"
+                "名额已转给下一位候补者，您已离开候补名单。")
     if job.kind == "lottery_lost" or context.starts_at is None:
         return (f"【疫苗预约】很遗憾，您在{place}登记的{vaccine}摇号未中签。"
                 "摇号种子与结果已公布，可查验。")

@@ -92,19 +92,23 @@ def claim_event(row: asyncpg.Record | dict[str, object]) -> bytes:
     })
 
 
+# Events whose only effect is an SMS, and the kind of its sms_messages row.
+NOTICE_KINDS = {"lottery.lost": "lottery_lost", "standby.skipped": "standby_skipped"}
+
+
 async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str]:
     """Entry ids whose effect is in PostgreSQL: a booking row for a claim, a cancelled
-    booking for a cancellation, an SMS sent (or given up on) for a lottery loser, an
-    admission row for an admission."""
+    booking for a cancellation, an SMS sent (or given up on) for a notice (a lottery
+    loser, a person skipped on the standby list), an admission row for an admission."""
     by_claim: dict[str, str] = {}
     cancels: dict[str, str] = {}
-    notices: dict[str, str] = {}
+    notices: dict[tuple[str, str], str] = {}
     admissions: dict[str, str] = {}
     for entry in entries:
         event = orjson.loads(entry.event)
         claim_id = event["claim_id"]
-        if entry.event_type == "lottery.lost":
-            notices[claim_id] = entry.entry_id
+        if entry.event_type in NOTICE_KINDS:
+            notices[claim_id, NOTICE_KINDS[entry.event_type]] = entry.entry_id
             continue
         if entry.event_type == "queue.admitted":
             admissions[event["admission_id"]] = entry.entry_id
@@ -113,9 +117,11 @@ async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str
     done: set[str] = set()
     if notices:
         rows = await conn.fetch(
-            "SELECT claim_id FROM sms_messages WHERE claim_id = ANY($1::text[]) "
-            "AND kind = 'lottery_lost' AND status <> 'pending'", list(notices))
-        done |= {notices[r["claim_id"]] for r in rows}
+            "SELECT m.claim_id, m.kind FROM sms_messages m "
+            "JOIN unnest($1::text[], $2::text[]) AS k(claim_id, kind) "
+            "ON m.claim_id = k.claim_id AND m.kind = k.kind WHERE m.status <> 'pending'",
+            [c for c, _ in notices], [k for _, k in notices])
+        done |= {notices[r["claim_id"], r["kind"]] for r in rows}
     if admissions:
         rows = await conn.fetch("SELECT admission_id FROM admissions "
                                 "WHERE admission_id = ANY($1::text[])", list(admissions))

@@ -44,6 +44,7 @@ TOPIC_BY_TYPE = {
     "claim.cancelled": topics.CANCELLATIONS,
     "lottery.lost": topics.LOTTERY,
     "queue.admitted": topics.ADMISSIONS,
+    "standby.skipped": topics.STANDBY,
 }
 
 OUTBOX_LENGTH = Gauge("release_outbox_length", "Entries in a release's outbox stream",

@@ -6,7 +6,9 @@ A handoff is safely two-phase because the person's limits live on the person's o
 slot: each step is one atomic script, and the handoff record (under the release's hash
 tag) says how far it got, so a gateway that dies mid-way leaves work any gateway resumes
 with the same person and claim id (`resume`). The slot stays taken the whole time: it is
-never on sale while someone on the list could have it.
+never on sale while someone on the list could have it. A person the limits or eligibility
+refuse leaves the list unbooked: `standby_offer.lua` records why (shown on their place) and
+puts a `standby.skipped` event in the outbox, which becomes their SMS.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from prometheus_client import Counter, Gauge
@@ -46,6 +48,16 @@ class StandbyPlace:
     length: int = 0
     detail: str = ""  # not_eligible: "sex" or "age"
     claim: dict[str, Any] | None = None  # `place`: the person's claim in the release
+    # `place`, not listed: why the person last left the list unbooked {reason, detail, at_ms}
+    left: dict[str, Any] | None = None
+
+
+class Refusal(NamedTuple):
+    """An offer the person's limits or eligibility refused: the script's arguments 3-5."""
+
+    claim_id: str
+    reason: str  # a person_reserve.lua or claim.lua status, e.g. limit_reached
+    detail: str  # e.g. same_day_clinic
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +100,14 @@ class StandbyList:
         pipe.zrank(keys.standby_key(release_id), person_id)
         pipe.zcard(keys.standby_key(release_id))
         pipe.hget(keys.holders_key(release_id), person_id)
-        rank, length, held = await pipe.execute()
+        pipe.hget(keys.standby_left_key(release_id), person_id)
+        rank, length, held, left = await pipe.execute()
         if rank is not None:
             return StandbyPlace("ok", int(rank) + 1, int(length))
         raw = await self._redis.hget(keys.claims_key(release_id), held) if held else None
         return StandbyPlace("not_listed", 0, int(length),
-                            claim=orjson.loads(raw) if raw else None)
+                            claim=orjson.loads(raw) if raw else None,
+                            left=orjson.loads(left) if left else None)
 
     async def length(self, release_id: str) -> int:
         return int(await self._redis.zcard(keys.standby_key(release_id)))
@@ -101,14 +115,10 @@ class StandbyList:
     async def hand_on(self, release_id: str, handoff_id: str) -> HandoffResult:
         """Offer the held slot down the list until one person is booked or the list is
         empty (slot back on sale). Repeatable: a second caller finds the same offer."""
-        refused = ""
+        refusal: Refusal | None = None
         for _ in range(MAX_OFFERS_PER_PASS):
-            status, payload = await self._offer(keys=[
-                keys.meta_key(release_id), keys.taken_key(release_id),
-                keys.claims_key(release_id), keys.standby_key(release_id),
-                keys.standby_people_key(release_id), keys.handoffs_key(release_id),
-            ], args=[handoff_id, os.urandom(12).hex(), refused])
-            status = _text(status)
+            status, payload = await self.offer(release_id, handoff_id, os.urandom(12).hex(),
+                                               refusal)
             if status == "granted":
                 HANDOFFS.labels("granted").inc()
                 return HandoffResult(status, orjson.loads(payload))
@@ -117,13 +127,23 @@ class StandbyList:
                     HANDOFFS.labels("returned").inc()
                 return HandoffResult(status)
             offer = orjson.loads(payload)
-            if not await self._book(release_id, offer):
-                refused = offer["claim_id"]
+            refusal = await self._book(release_id, offer)
         return HandoffResult("pending")
 
-    async def _book(self, release_id: str, offer: dict[str, Any]) -> bool:
-        """Reserve the person's limits, then book the held slot; False when refused (the
-        reservation is then removed again)."""
+    async def offer(self, release_id: str, handoff_id: str, fresh_claim_id: str,
+                    refusal: Refusal | None = None) -> tuple[str, bytes]:
+        """One step of `lua/standby_offer.lua`: (status, payload)."""
+        status, payload = await self._offer(keys=[
+            keys.meta_key(release_id), keys.taken_key(release_id),
+            keys.claims_key(release_id), keys.standby_key(release_id),
+            keys.standby_people_key(release_id), keys.handoffs_key(release_id),
+            keys.outbox_key(release_id), keys.standby_left_key(release_id),
+        ], args=[handoff_id, fresh_claim_id, *(refusal or ("", "", "")), release_id])
+        return _text(status), payload
+
+    async def _book(self, release_id: str, offer: dict[str, Any]) -> Refusal | None:
+        """Reserve the person's limits, then book the held slot; the refusal when refused
+        (the reservation is then removed again)."""
         view = self._catalog.get(release_id)
         if view is None:
             raise LookupError(f"release {release_id} is not served")
@@ -131,16 +151,19 @@ class StandbyList:
         who = offer["who"]
         day = view.visit_day(slot_id) or ""
         doc = view.document
-        # A resumed offer may hold its reservation already (same claim id).
-        reserved = await self._redis.hexists(keys.person_active_key(person_id), claim_id)
-        if not reserved:
+        # A resumed offer may hold its reservation already (same claim id); so may a
+        # second gateway handing on the same offer at once, which the reservation then
+        # refuses as already_claimed: the reservation is this offer's all the same.
+        active = keys.person_active_key(person_id)
+        if not await self._redis.hexists(active, claim_id):
             [outcome] = await self._persons.reserve("", [Reservation(
                 claim_id, person_id, release_id, day, doc["clinic_id"], doc["department"],
                 view.limits)])
-            if outcome.status != "ok":
+            if outcome.status != "ok" and not await self._redis.hexists(active, claim_id):
                 log.info("standby offer %s refused: %s", claim_id, outcome.status)
-                return False
+                return Refusal(claim_id, outcome.status, outcome.detail)
         booked = False
+        refusal = None
         try:
             [claimed] = await self._claims(release_id, [ClaimRequest(
                 claim_id=claim_id, account_id=who["account_id"], person_id=person_id,
@@ -149,10 +172,11 @@ class StandbyList:
             booked = claimed.claim is not None and claimed.claim["claim_id"] == claim_id
             if not booked:
                 log.info("standby offer %s refused: %s", claim_id, claimed.status)
+                refusal = Refusal(claim_id, claimed.status, claimed.detail)
         finally:
             if not booked:
                 await self._persons.release([(person_id, claim_id)])
-        return booked
+        return refusal
 
     async def resume(self, release_id: str, older_than_ms: int, now_ms: int) -> int:
         """Finish handoffs some gateway started and left (it died); returns how many."""

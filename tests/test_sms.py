@@ -139,6 +139,21 @@ def test_a_lottery_notice_names_no_booking():
         decode(record(orjson.dumps({**notice, "account_id": ""}), topics.LOTTERY))
 
 
+def test_a_standby_skip_notice_says_why():
+    notice = {"claim_id": "c9", "release_id": "r1", "person_id": "p1", "account_id": "a1",
+              "reason": "limit_reached", "detail": "same_day_clinic"}
+    job = decode(record(orjson.dumps(notice), topics.STANDBY))
+    assert (job.kind, job.message_id, job.code, job.skip_reason) == (
+        "standby_skipped", "c9:standby_skipped", "", "limit_reached:same_day_clinic")
+    text = render(job, dataclasses.replace(CONTEXT, starts_at=None), SHANGHAI)
+    assert "当天在该门诊已有预约" in text and "离开候补名单" in text
+    odd = decode(record(orjson.dumps({**notice, "reason": "removed", "detail": ""}),
+                        topics.STANDBY))
+    assert "预约条件不满足" in render(odd, CONTEXT, SHANGHAI)
+    with pytest.raises(InvalidMessage):
+        decode(record(orjson.dumps({**notice, "reason": 3}), topics.STANDBY))
+
+
 # --- providers ----------------------------------------------------------------------------
 
 

@@ -124,7 +124,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"release_id": {"type": "string"}, "person_id": {"type": "string"},
                        "position": {"type": ["integer", "null"]},
                        "length": {"type": "integer"}, "claim": _ref("Claim"),
-                       "decline_until": _TIME},
+                       "decline_until": _TIME,
+                       "left": {"type": "object", "required": ["reason", "detail", "left_at"],
+                                "properties": {"reason": {"type": "string"},
+                                               "detail": {"type": "string"},
+                                               "left_at": _TIME}}},
     },
     "LotteryEntry": {
         "type": "object", "required": ["release_id", "person_id", "entry", "draw_at"],

@@ -49,8 +49,9 @@ async def join_standby(request: web.Request) -> web.Response:
 
 async def get_standby(request: web.Request) -> web.Response:
     """The list's length; with `?person_id=` (one of the caller's persons) also its place
-    (`position` null when not on the list) and the person's claim in the release, if any
-    (with `decline_until` for a slot handed over from the list)."""
+    (`position` null when not on the list), the person's claim in the release, if any
+    (with `decline_until` for a slot handed over from the list), and `left` when a slot
+    offered to the person was refused by their limits or eligibility."""
     principal = resident(request)
     release_id = _release_id(request)
     await limit(request, "lookups", principal.account_id, message="too many lookups")
@@ -69,4 +70,7 @@ async def get_standby(request: web.Request) -> web.Response:
         if "decline_until_ms" in place.claim:
             body["decline_until"] = iso(place.claim["decline_until_ms"],
                                         request.app[SETTINGS].zone)
+    if place.left is not None:
+        body["left"] = {"reason": place.left["reason"], "detail": place.left["detail"],
+                        "left_at": iso(place.left["at_ms"], request.app[SETTINGS].zone)}
     return web.Response(body=orjson.dumps(body), content_type=JSON)
