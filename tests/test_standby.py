@@ -124,6 +124,8 @@ async def test_cancelled_slot_reaches_the_first_on_standby_who_gets_the_sms(
     # so the slot goes back on sale.
     assert (await end(api, claimed["code"], h2))[0] == 200
     assert (await api.admin_release(rid))["remaining"] == 1
+    outbox = [parse_entry(rid, i, f) for i, f in await redis.xrange(keys.outbox_key(rid))]
+    [skip] = [e for e in outbox if e.event_type == "standby.skipped"]  # before any trim
     place = await standing(api, rid, s4)
     assert place["position"] is None and "claim" not in place
     assert (place["left"]["reason"], place["left"]["detail"]) == ("limit_reached",
@@ -154,8 +156,6 @@ async def test_cancelled_slot_reaches_the_first_on_standby_who_gets_the_sms(
     [notice] = [line for line in lines if "候补名单" in line["text"]]
     assert notice["phone"] == phone_of[s4.account_id]
     assert "当天在该门诊已有预约" in notice["text"]
-    outbox = [parse_entry(rid, i, f) for i, f in await redis.xrange(keys.outbox_key(rid))]
-    [skip] = [e for e in outbox if e.event_type == "standby.skipped"]
     assert notice["message_id"] == orjson.loads(skip.event)["claim_id"] + ":standby_skipped"
     async with db.acquire() as conn:  # reconcile may now trim the notice from the outbox
         assert skip.entry_id in await persisted_events(conn, [skip])
