@@ -6,6 +6,11 @@ Starts its own stack (Redis, broker, PostgreSQL) in a scratch folder, then measu
 wrk (a non-Python load generator, so the generator is not the bottleneck) on loopback:
 
 - minimal     the ceiling: the smallest aiohttp handler returning pre-encoded JSON
+- reference_single, reference_batch
+              the issue's reference designs (reference_server.py): the minimal handler
+              plus one short claim script in Redis (stock, holders), one EVALSHA per
+              request or one per event-loop tick for up to 32 requests; what a claim
+              costs through Redis with none of our rules, measured on this machine
 - claim_win   our claim endpoint on the winning path: full rules (token, reservation of
               per-person limits, eligibility, idempotency check, stock, code, outbox);
               every request is a different resident
@@ -15,8 +20,10 @@ wrk (a non-Python load generator, so the generator is not the bottleneck) on loo
               row, update, insert the booking, commit
 
 then the pipeline: the bookings consumer's drain rate on the claims just made, and the
-time from the last 201 of a spike to its last booking row. Prints a table and the ratios
-against the minimal handler, writes JSON (to compare runs) and a PNG plot.
+time from the last 201 of a spike to its last booking row. Prints a table, the ratios
+against the minimal handler next to the issue's reference machine's (calibration: how far
+this machine's ceiling and Redis designs sit from those figures), writes JSON (to compare
+runs) and a PNG plot.
 """
 
 from __future__ import annotations
@@ -50,6 +57,11 @@ from release_service.tokens import PersonGrant, TokenCodec
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent / "release-service"
 WRK_SCRIPT = HERE / "wrk_claims.lua"
+# The issue's figures on its 2-core reference machine (req/s): the same ratios measured
+# here say how far this machine's ceiling and its Redis designs are from those.
+ISSUE_REQUESTS_PER_S = {"minimal": 45_000, "reference_single": 9_700,
+                        "reference_batch": 30_000}
+REFERENCE_MODES = {"reference_single": "single", "reference_batch": "batch"}
 
 
 @dataclass
@@ -72,6 +84,8 @@ class Report:
     pipeline: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     targets: dict[str, bool] = field(default_factory=dict)
+    # scenario -> {"here": req/s over minimal's in this run, "issue": on the issue's machine}
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     persisted_timeline: list[tuple[float, int]] = field(default_factory=list)
 
 
@@ -182,8 +196,16 @@ class Bench:
         self.minimal_port = free_port()
         self.minimal = self.start(sys.executable, str(HERE / "minimal_server.py"),
                                   str(self.minimal_port), str(self.args.processes))
+        self.references: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        for name, mode in REFERENCE_MODES.items():
+            port = free_port()
+            self.references[name] = (self.start(
+                sys.executable, str(HERE / "reference_server.py"), str(port), mode,
+                self.settings.redis_url, str(self.args.processes)), port)
         wait_http(self.base + "/healthz")
         wait_http(f"http://127.0.0.1:{self.minimal_port}/")
+        for _, port in self.references.values():
+            wait_http(f"http://127.0.0.1:{port}/healthz")
 
     def residents_file(self, count: int, name: str) -> Path:
         codec = TokenCodec(self.settings.token_secret, 3600)
@@ -242,7 +264,7 @@ class Bench:
         return row
 
     def restart_gateway(self, **changes: object) -> None:
-        self.stop(self.gateway)
+        stop_process(self.gateway)
         self.gateway_values.update(changes)
         write_settings_file(self.settings_file, self.gateway_values)
         self.gateway = self.start(str(BIN), "gateway", env=self.env)
@@ -281,6 +303,7 @@ class Bench:
 
         self.measure("minimal", f"http://127.0.0.1:{self.minimal_port}/", {},
                      [self.minimal.pid], "aiohttp + uvloop, pre-encoded JSON")
+        self.reference_designs(win_file)
         win = self.create_release(1_000_000)
         row = self.measure("claim_win", self.base, {
             "CLAIMS_FILE": str(win_file), "CLAIM_PATH": f"/v1/releases/{win}/claims"}, pids)
@@ -299,6 +322,26 @@ class Bench:
         self.pipeline(win, claimed, spike_file)
         self.ratios()
         return self.report
+
+    def reference_designs(self, residents: Path) -> None:
+        """The issue's reference designs, with the same requests as claim_win (token
+        header and body; the token is not read), on a stock that never runs out."""
+        import redis
+        from reference_server import STOCK, STOCK_KEY
+
+        client = redis.Redis.from_url(self.settings.redis_url)
+        try:
+            for name, (process, port) in self.references.items():
+                client.set(STOCK_KEY, STOCK)
+                row = self.measure(name, f"http://127.0.0.1:{port}/", {
+                    "CLAIMS_FILE": str(residents), "CLAIM_PATH": "/claims"}, [process.pid],
+                    "one EVALSHA per request" if name == "reference_single"
+                    else "one EVALSHA per tick, up to 32 claims")
+                taken = STOCK - int(client.get(STOCK_KEY) or 0)
+                row.note += f"; {taken:,} taken"
+                stop_process(process)  # idle from here on: leave the cores to the rest
+        finally:
+            client.close()
 
     def fsync_always(self, pids: list[int]) -> None:
         """The winning path again with `appendfsync always` (an fsync per write: an OS
@@ -430,8 +473,15 @@ class Bench:
         rows = {r.name: r for r in self.report.rows}
         ceiling = rows["minimal"].requests_per_s
         win = rows["claim_win"]
+        batch = rows["reference_batch"]
         ratios = {
             "claim_win / minimal": win.requests_per_s / ceiling,
+            "reference_single / minimal": rows["reference_single"].requests_per_s / ceiling,
+            "reference_batch / minimal": batch.requests_per_s / ceiling,
+            # What our full rules cost against the bare batched design, same machine:
+            "claim_win / reference_batch": win.requests_per_s / batch.requests_per_s,
+            "claim_win CPU/req / reference_batch CPU/req":
+            (win.cpu_us_per_request or 0) / (batch.cpu_us_per_request or 1),
             "sold_out / minimal": rows["sold_out"].requests_per_s / ceiling,
             "not_open / minimal": rows["not_open"].requests_per_s / ceiling,
             "claim_win / naive_sql": win.requests_per_s / rows["naive_sql"].requests_per_s,
@@ -450,6 +500,11 @@ class Bench:
             "Redis CPU < 25% at claim_win": (win.redis_cpu_percent or 0) < 25,
             "consumer >= 3 x claim_win": ratios["consumer rows/s / claim_win"] >= 3,
         }
+        issue_ceiling = ISSUE_REQUESTS_PER_S["minimal"]
+        self.report.calibration = {
+            name: {"here": rows[name].requests_per_s / ceiling,
+                   "issue": ISSUE_REQUESTS_PER_S.get(name, 0) / issue_ceiling}
+            for name in ("minimal", "reference_single", "reference_batch", "claim_win")}
 
 
 def table(report: Report) -> str:
@@ -467,6 +522,11 @@ def table(report: Report) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in report.ratios.items()]
     lines += ["", "| target | met |", "| --- | --- |"]
     lines += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in report.targets.items()]
+    if report.calibration:
+        lines += ["", "| x minimal | here | issue's machine |", "| --- | ---: | ---: |"]
+        for name, ratio in report.calibration.items():
+            issue = f"{ratio['issue']:.2f}" if ratio["issue"] else "-"
+            lines.append(f"| {name} | {ratio['here']:.2f} | {issue} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+from collections.abc import Callable
 
 import orjson
 import uvloop
@@ -21,28 +22,37 @@ async def handler(request: web.Request) -> web.Response:
     return web.Response(status=201, body=BODY, content_type="application/json")
 
 
-def serve(port: int, reuse_port: bool) -> None:
+def minimal_app() -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+    return app
+
+
+def serve(make_app: Callable[[], web.Application], port: int, reuse_port: bool) -> None:
+    web.run_app(make_app(), host="127.0.0.1", port=port, access_log=None, print=None,
                 reuse_port=reuse_port, loop=uvloop.new_event_loop())
 
 
-if __name__ == "__main__":
-    port, processes = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+def serve_processes(make_app: Callable[[], web.Application], port: int,
+                    processes: int) -> None:
+    """One process, or `processes` sharing the port (SO_REUSEPORT) until SIGTERM."""
     if processes == 1:
-        serve(port, False)
-    else:
-        children = [multiprocessing.Process(target=serve, args=(port, True))
-                    for _ in range(processes)]
-        for child in children:
-            child.start()
+        serve(make_app, port, False)
+        return
+    children = [multiprocessing.Process(target=serve, args=(make_app, port, True))
+                for _ in range(processes)]
+    for child in children:
+        child.start()
 
-        def stop(_signum: int, _frame: object) -> None:
-            for child in children:
-                child.terminate()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    def stop(_signum: int, _frame: object) -> None:
         for child in children:
-            child.join()
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.join()
+
+
+if __name__ == "__main__":
+    serve_processes(minimal_app, int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1)
