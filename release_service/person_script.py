@@ -50,21 +50,26 @@ class PersonScript:
 
     async def reserve(self, _key: str, batch: Sequence[Reservation]) -> list[ReserveOutcome]:
         """One script call per Cluster slot of the batch: a single call on one Redis."""
+        if not self._cluster:  # awaited as it is: no task, no extra turn of the loop
+            script_keys, args = self._arguments(batch)
+            return self._outcomes(await self._reserve(keys=script_keys, args=args))
         groups: dict[int, list[int]] = {}
         for index, r in enumerate(batch):
-            groups.setdefault(self._slot_of(r.person_id), []).append(index)
+            groups.setdefault(key_slot(keys.person_active_key(r.person_id).encode()),
+                              []).append(index)
         calls = [self._arguments([batch[i] for i in members]) for members in groups.values()]
-        # Concurrent calls (a Cluster pipeline may not carry scripts); one on a single Redis.
+        # Concurrent calls: a Cluster pipeline may not carry scripts.
         replies = await asyncio.gather(*(self._reserve(keys=k, args=a) for k, a in calls))
         outcomes: list[ReserveOutcome] = [ReserveOutcome("")] * len(batch)
         for members, reply in zip(groups.values(), replies, strict=True):
-            for position, index in enumerate(members):
-                outcomes[index] = ReserveOutcome(reply[2 * position].decode(),
-                                                 reply[2 * position + 1].decode())
+            for index, outcome in zip(members, self._outcomes(reply), strict=True):
+                outcomes[index] = outcome
         return outcomes
 
-    def _slot_of(self, person_id: str) -> int:
-        return key_slot(keys.person_active_key(person_id).encode()) if self._cluster else 0
+    @staticmethod
+    def _outcomes(reply: list[bytes]) -> list[ReserveOutcome]:
+        return [ReserveOutcome(reply[i].decode(), reply[i + 1].decode())
+                for i in range(0, len(reply), 2)]
 
     @staticmethod
     def _arguments(batch: Sequence[Reservation]) -> tuple[list[str], list[str]]:

@@ -22,7 +22,7 @@ from ..claim_script import ClaimLimit, ClaimOutcome, ClaimRequest
 from ..lottery import is_lottery
 from ..metrics import claim_result
 from ..person_script import Reservation, ReserveOutcome
-from ..releases import add_code_block
+from ..releases import add_code_block, iso
 from ..tokens import Principal
 from .appkeys import (
     CATALOG,
@@ -45,11 +45,11 @@ MAX_IDEMPOTENCY_KEY = 128
 TWIN_WAIT_STEPS = 20
 TWIN_WAIT_SECONDS = 0.01
 MAX_ID = 64
+NO_REPLAY = ClaimOutcome("no_replay")  # until a replay-only call says otherwise
 
 
 def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
     """The API's claim object from the script's claim record."""
-    claimed_at = datetime.fromtimestamp(claim["claimed_at_ms"] / 1000, tz=zone)
     return {
         "claim_id": claim["claim_id"],
         "code": claim["code"],
@@ -57,7 +57,7 @@ def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
         "slot_id": claim["slot_id"],
         "person_id": claim["person_id"],
         "status": claim["status"],
-        "claimed_at": claimed_at.isoformat(timespec="milliseconds"),
+        "claimed_at": iso(claim["claimed_at_ms"], zone),
     }
 
 
@@ -190,7 +190,7 @@ async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
     reservation = Reservation(claim_id, person_id, release_id, day, doc["clinic_id"],
                               doc["department"], view.limits)
     reserved = await app[RESERVATIONS].submit("", reservation)
-    outcome = ClaimOutcome("no_replay")
+    outcome = NO_REPLAY
     for _ in range(TWIN_WAIT_STEPS if idempotency_key else 0):
         if reserved.status == "ok":
             break
