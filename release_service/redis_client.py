@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -31,6 +32,14 @@ class _HiredisPacking(AbstractConnection):
     _serializer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        command = args[0]
+        if " " not in (command if isinstance(command, str) else command.decode("latin-1")):
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        # A command name in several words ("CONFIG SET"), a bytearray or memoryview, or a
+        # value no packer takes (DataError): redis-py's own hiredis path sorts them out.
         packed: list[bytes] = self._serializer.pack(*args)
         return packed
 

@@ -12,7 +12,8 @@ from release_service.redis_client import redis_from_url
 from release_service.settings import Settings
 
 ARGUMENT = st.one_of(st.text(), st.binary(), st.integers(), st.floats(allow_nan=False),
-                     st.text(alphabet="ab\x1f{}:", min_size=1))
+                     st.text(alphabet="ab\x1f{}: ", min_size=1), st.binary().map(bytearray),
+                     st.binary().map(memoryview))
 COMMAND = st.sampled_from(["SET", "EVALSHA", "HSET", "CONFIG SET", b"XADD", b"CLIENT SETNAME"])
 
 
