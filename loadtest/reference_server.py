@@ -45,6 +45,7 @@ redis.call('SET', KEYS[1], left)
 return won
 """
 
+
 def answer(won: int) -> web.Response:
     if won:
         return web.Response(status=201, body=BODY, content_type="application/json")

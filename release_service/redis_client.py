@@ -32,7 +32,7 @@ class _HiredisPacking(AbstractConnection):
     _serializer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        command = args[0]
+        command = args[0]  # a name in words ("CONFIG SET") goes out as separate arguments
         if " " not in (command if isinstance(command, str) else command.decode("latin-1")):
             try:
                 return [hiredis.pack_command(args)]
