@@ -249,6 +249,8 @@ local function claim_one(claim_id, account_id, person_id, slot, ikey, birth, sex
   if refused then return 'rate_limited', refused end
   if queued and mode == 'claim' then
     local why = admission_refused(person_id, jti)
+    local held = why and redis.call('HGET', holders, person_id)
+    if held then return 'already_claimed', redis.call('HGET', claims, held) end  -- as ever
     if why then return 'admission', why end
     local status, payload = decide(claim_id, account_id, person_id, slot, ikey, birth, sex,
       day, mode, request_id, decline_ms)

@@ -139,7 +139,7 @@ async def _claim(api: Api, rid: str, resident, token: object, person_id: str | N
 
 
 async def test_admission_tokens_forged_expired_reused_or_for_others_are_refused(
-        api, queue_release, stack_settings):
+        api, redis, queue_release, stack_settings):
     rid = queue_release["release_id"]
     other = await api.create_release(release_definition([2], mode="queue"))
     a, b, c = residents(stack_settings, 3)
@@ -166,6 +166,11 @@ async def test_admission_tokens_forged_expired_reused_or_for_others_are_refused(
     assert won[0] == 201
     status, _, body = await _claim(api, rid, a, token)  # spent, and the person holds one
     assert (status, body["code"]) == (409, "already_claimed")
+    # The claim script says so too when asked directly (the person's reservation usually
+    # answers first): a holder is told already_claimed, whatever the admission's state.
+    again, = await ClaimScript(redis, stack_settings.code_secret)(rid, [ClaimRequest(
+        "c-again", a.account_id, a.person_id, "", "", 19900101, "F", admission=jti)])
+    assert again.status == "already_claimed"
     # The retry of the claim that spent it is answered with that claim (its reply lost).
     status, headers, body = await api.call("POST", f"/v1/releases/{rid}/claims", json=claim,
                                            headers=keyed)
