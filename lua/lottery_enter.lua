@@ -1,4 +1,5 @@
 --[[ lottery_enter.lua: accept one lottery entry for a release, atomically.
+Runs after lua/eligibility.lua (its `ineligible`).
 
 KEYS (all under the release's hash tag {R}):
   1 meta     hash  opens_ms closes_ms state sex min_age max_age mode
@@ -36,15 +37,8 @@ if m[3] == 'paused' then return {'paused', ''} end
 
 local known = redis.call('HGET', people, person_id)
 if known then return {'already_entered', known} end
-if m[4] ~= '' and sex ~= m[4] then return {'not_eligible', 'sex'} end
--- Age on at least one slot's visit day (as in standby_join.lua: scripts share no code).
-local min_age, max_age, fits = tonumber(m[5]), tonumber(m[6]), false
-local days = redis.call('HVALS', slotday)
-for i = 1, #days do
-  local age = math.floor((tonumber(days[i]) - tonumber(birth)) / 10000)
-  if (min_age < 0 or age >= min_age) and (max_age < 0 or age <= max_age) then fits = true end
-end
-if not fits then return {'not_eligible', 'age'} end
+local why = ineligible(slotday, birth, sex, m[4], tonumber(m[5]), tonumber(m[6]))
+if why then return {'not_eligible', why} end
 
 local n = redis.call('RPUSH', entries, table.concat({person_id, account_id, birth, sex}, '|'))
 redis.call('HSET', people, person_id, n)

@@ -1,4 +1,5 @@
 --[[ standby_join.lua: put a person on a sold-out release's standby list, atomically.
+Runs after lua/eligibility.lua (its `ineligible`).
 
 KEYS (all under the release's hash tag {R}):
   1 meta        hash   closes_ms state left sex min_age max_age standby_seq
@@ -32,14 +33,8 @@ if m[2] == 'closed' or now >= tonumber(m[1]) then return {'closed', 0, 0} end
 local rank = redis.call('ZRANK', standby, person_id)
 if rank then return {'already_listed', rank + 1, redis.call('ZCARD', standby)} end
 if redis.call('HEXISTS', holders, person_id) == 1 then return {'already_claimed', 0, 0} end
-if m[4] ~= '' and sex ~= m[4] then return {'not_eligible', 'sex', 0} end
-local min_age, max_age, fits = tonumber(m[5]), tonumber(m[6]), false
-local days = redis.call('HVALS', slotday)
-for i = 1, #days do
-  local age = math.floor((tonumber(days[i]) - tonumber(birth)) / 10000)
-  if (min_age < 0 or age >= min_age) and (max_age < 0 or age <= max_age) then fits = true end
-end
-if not fits then return {'not_eligible', 'age', 0} end
+local why = ineligible(slotday, birth, sex, m[4], tonumber(m[5]), tonumber(m[6]))
+if why then return {'not_eligible', why, 0} end
 if tonumber(m[3]) > 0 then return {'not_sold_out', 0, 0} end
 
 local seq = redis.call('HINCRBY', meta, 'standby_seq', 1)

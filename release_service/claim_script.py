@@ -5,6 +5,7 @@ Nothing else in the code knows the script's ARGV layout or the shape of its repl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,15 +60,17 @@ SEPARATOR = "\x1f"
 _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
 
 
-def release_keys(release_id: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def release_keys(release_id: str) -> tuple[str, ...]:
+    """The script's fixed KEYS, built once per release (every claim batch needs them)."""
     queue = keys.queue_keys(release_id)
-    return [
+    return (
         keys.meta_key(release_id), keys.capacity_key(release_id), keys.taken_key(release_id),
         keys.slot_day_key(release_id), keys.holders_key(release_id),
         keys.claims_key(release_id), keys.codes_key(release_id),
         keys.idempotency_key(release_id), keys.outbox_key(release_id),
         *(queue[name] for name in ("who", "live", "jtis")),
-    ]
+    )
 
 
 class ClaimScript:
@@ -81,7 +84,7 @@ class ClaimScript:
         self, release_id: str, requests: Sequence[ClaimRequest]
     ) -> list[ClaimOutcome]:
         argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
-        script_keys = release_keys(release_id)
+        script_keys = list(release_keys(release_id))
         key_index: dict[str, int] = {}  # a counter shared by claims of the batch: one key
         for r in requests:
             spec = []

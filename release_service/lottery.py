@@ -79,7 +79,8 @@ class Lottery:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
                  catalog: ReleaseCatalog) -> None:
         self._redis = redis
-        self._enter = redis.register_script(lua_source("lottery_enter.lua"))
+        self._enter = redis.register_script(
+            lua_source("eligibility.lua") + lua_source("lottery_enter.lua"))
         self._notify = redis.register_script(lua_source("lottery_notify.lua"))
         self._claims = claims
         self._persons = persons

@@ -74,7 +74,8 @@ class StandbyList:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
                  catalog: ReleaseCatalog, decline_seconds: float) -> None:
         self._redis = redis
-        self._join = redis.register_script(lua_source("standby_join.lua"))
+        self._join = redis.register_script(
+            lua_source("eligibility.lua") + lua_source("standby_join.lua"))
         self._offer = redis.register_script(lua_source("standby_offer.lua"))
         self._claims = claims
         self._persons = persons
