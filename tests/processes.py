@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -78,6 +79,19 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
 
+def stop_all(processes: Iterable[ServiceProcess]) -> None:
+    """Stop every process, even when one of them will not stop (then raise its error once
+    the others are stopped: a process left running would outlive the test)."""
+    failures = []
+    for process in processes:
+        try:
+            process.stop()
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
 class Pipeline:
     """Relay and both consumers as child processes; the SMS sink in `folder`."""
 
@@ -98,15 +112,7 @@ class Pipeline:
             process.start()
 
     def stop(self) -> None:
-        """Stop every process, even when one of them will not stop (then raise)."""
-        failures = []
-        for process in self.processes.values():
-            try:
-                process.stop()
-            except Exception as exc:  # reported once the others are stopped
-                failures.append(exc)
-        if failures:
-            raise failures[0]
+        stop_all(self.processes.values())
 
     def sms_lines(self) -> list[dict[str, str]]:
         if not self.sink.exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 from playwright.async_api import async_playwright
-from processes import ServiceProcess
+from processes import ServiceProcess, stop_all
 from support import Resident, release_definition
 
 from release_service.seed import seed_users
@@ -33,8 +33,7 @@ async def pipeline(stack_settings, tmp_path):
     for process in processes:
         process.start()
     yield
-    for process in processes:
-        process.stop()
+    stop_all(processes)
 
 
 async def test_ops_page_follows_a_spike_and_pauses(api, gateway_url, stack_settings,

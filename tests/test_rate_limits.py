@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from processes import ServiceProcess, free_port
+from processes import ServiceProcess, free_port, stop_all
 from support import Api, Resident, release_definition, residents
 
 from release_service.rate_limits import client_address
@@ -60,8 +60,7 @@ async def gateways(stack_settings, tmp_path) -> AsyncIterator[list[Api]]:
         try:
             yield apis
         finally:
-            for process in started:
-                process.stop()
+            stop_all(started)
 
 
 async def create_seen(gateways: list[Api], definition: dict) -> dict:

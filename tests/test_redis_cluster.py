@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from processes import ServiceProcess, free_port
+from processes import ServiceProcess, free_port, stop_all
 from redis.crc import key_slot
 from support import Api, release_definition, residents
 
@@ -158,8 +158,7 @@ async def test_spike_on_redis_cluster_keeps_every_invariant(redis_cluster, stack
             await conn.close()
         assert rows == 60 * MASTERS
     finally:
-        for process in processes:
-            process.stop()
+        stop_all(processes)
 
 
 async def _three_same_day_releases(api: Api, ids: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from processes import ServiceProcess
+from processes import ServiceProcess, stop_all
 from support import release_definition, residents
 
 from release_service import keys
@@ -83,8 +83,7 @@ async def test_two_relays_share_the_outbox_and_every_booking_arrives_once(
         info = await redis.xinfo_groups(keys.outbox_key(rid))
         assert info[0]["pending"] == 0  # every entry acknowledged, by whichever relay
     finally:
-        for process in processes:
-            process.stop()
+        stop_all(processes)
 
 
 async def _count_is(settings, release_id: str, expected: int) -> int | None:
