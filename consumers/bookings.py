@@ -24,10 +24,10 @@ from consumers.runner import (
     DeadLetter,
     InvalidMessage,
     json_object,
-    main_until_signalled,
     run_until,
 )
 from release_service import topics as kafka_topics
+from release_service.aio import run_until_signalled
 from release_service.db import connect_pool
 from release_service.settings import Settings
 
@@ -215,4 +215,4 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
 
 
 def main(settings: Settings) -> None:
-    main_until_signalled(serve, settings)
+    run_until_signalled(lambda stopping: serve(settings, stopping))

@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -199,20 +198,6 @@ async def run_until(runner: ConsumerRunner[Any], stopping: asyncio.Event) -> Non
     waiter.cancel()
     watcher.cancel()
     await task
-
-
-def main_until_signalled(
-    serve: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings
-) -> None:
-    """A consumer process: `serve` until SIGTERM or SIGINT."""
-    async def run() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await serve(settings, stopping)
-
-    asyncio.run(run())
 
 
 def request_id_of(record: ConsumerRecord[bytes, bytes]) -> str:

@@ -38,12 +38,12 @@ from consumers.runner import (
     DeadLetter,
     InvalidMessage,
     json_object,
-    main_until_signalled,
     request_id_of,
     run_until,
 )
 from consumers.sms_providers import ProviderError, SmsProvider, provider_from_settings
 from release_service import topics as kafka_topics
+from release_service.aio import run_until_signalled
 from release_service.db import connect_pool
 from release_service.logs import mask_personal_data
 from release_service.resident_id import mask_phone
@@ -392,4 +392,4 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
 
 def main(settings: Settings) -> None:
     """`release-service consume sms`: until SIGTERM or SIGINT."""
-    main_until_signalled(serve, settings)
+    run_until_signalled(lambda stopping: serve(settings, stopping))

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from . import errors, keys
+from .aio import wait_event
 from .lua import lua_source
 from .person_script import PersonScript
 from .redis_client import AnyRedis
@@ -98,16 +99,16 @@ async def no_show_pass(pool: asyncpg.Pool, redis: AnyRedis, now: datetime,
 
 
 async def no_shows_forever(pool: asyncpg.Pool, redis: AnyRedis, zone: Any,
-                           interval: float) -> None:
-    """The timer inside the relay process."""
-    while True:
+                           interval: float, stopping: asyncio.Event) -> None:
+    """The timer inside the relay process, until `stopping` (see reconcile_forever)."""
+    while not stopping.is_set():
         try:
             result = await no_show_pass(pool, redis, datetime.now(zone), zone)
             if result["no_shows"]:
                 log.info("no-show pass: %(no_shows)d no-shows, %(bans)d bans", result)
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("no-show pass failed: %s", exc)
-        await asyncio.sleep(interval)
+        await wait_event(stopping, interval)
 
 
 def cmd_no_shows(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from . import keys
+from .aio import wait_event
 from .db import connect_pool
 from .kafka import kafka_producer
 from .redis_client import AnyRedis, redis_from_url
@@ -352,15 +353,16 @@ def _interval(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-async def reconcile_forever(settings: Settings, redis: AnyRedis,
-                            producer: AIOKafkaProducer) -> None:
-    """The relay's timer: a pass every few seconds; failures are logged and retried."""
+async def reconcile_forever(settings: Settings, redis: AnyRedis, producer: AIOKafkaProducer,
+                            stopping: asyncio.Event) -> None:
+    """The relay's timer: a pass every few seconds until `stopping`; failures are logged
+    and retried. Ended by the event, not by cancellation alone: a redis-py command can
+    absorb a cancellation, and the relay's shutdown would then wait for ever."""
     pool = await connect_pool(settings, max_size=2)
     reconciler = Reconciler(settings, redis, pool, producer)
     next_pass = time.monotonic() + INTERVAL_SECONDS
     try:
-        while True:
-            await asyncio.sleep(RESTART_POLL_SECONDS)
+        while not await wait_event(stopping, RESTART_POLL_SECONDS):
             try:
                 # A restarted Redis is repaired at once; otherwise a pass on the timer.
                 if time.monotonic() < next_pass and not await reconciler.redis_restarted():

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError, ResponseError
 
 from . import keys, topics
-from .aio import wait_event
+from .aio import run_until_signalled, wait_event
 from .kafka import ensure_topics, kafka_producer
 from .metrics import watch_event_loop
 from .redis_client import AnyRedis, redis_from_url
@@ -245,12 +244,14 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
     waiter = asyncio.create_task(stop.wait())
     pool = await connect_pool(settings, max_size=2)
     tasks = [asyncio.create_task(relay.run()), asyncio.create_task(watch_event_loop()),
-             asyncio.create_task(reconcile_forever(settings, redis, producer)),
+             asyncio.create_task(reconcile_forever(settings, redis, producer, stop)),
              asyncio.create_task(no_shows_forever(pool, redis, settings.zone,
-                                                  settings.no_show_interval_seconds))]
+                                                  settings.no_show_interval_seconds, stop))]
     try:
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Every loop also ends on the event: a cancellation alone can be absorbed.
+        stop.set()
         relay.stop()
         for task in [waiter, *tasks]:
             task.cancel()
@@ -269,12 +270,5 @@ def cmd_relay(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     start_metrics_server(settings, "relay")
 
-    async def main() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await run_relay(settings, stopping)
-
-    asyncio.run(main())
+    run_until_signalled(lambda stopping: run_relay(settings, stopping))
     return 0
