@@ -39,6 +39,7 @@ Reply: a flat array, two values per claim, in order:
   "not_open", opens_ms | "paused", "" | "closed", "" | "not_found", ""
   "sold_out", next_wave_ms or ""   (next wave: stock is left but not yet released)
   "unknown_slot", "" | "not_eligible", reason | "codes_exhausted", ""
+  | "day_full", a visit day with stock (no slot left on the claim's day; others have some)
   "no_replay", ""           mode "replay" and the key was not seen: nothing done
   "rate_limited", "wait_ms,i"  the claim's i-th limit is spent for wait_ms more ms
   "admission", reason       queue mode, no usable admission: missing, invalid, used,
@@ -165,11 +166,18 @@ local function decide(claim_id, account_id, person_id, slot, ikey, birth, sex, d
     if left == nil then return 'unknown_slot', '' end
     if left <= 0 then return 'sold_out', next_wave end
   else
+    local other = ''
     for s in string.gmatch(m[8], '[^,]+') do
-      if (day == '' or redis.call('HGET', slotday, s) == day) and available(s) > 0 then
-        slot = s; break
+      if available(s) > 0 then
+        if day == '' then slot = s; break end
+        local d = redis.call('HGET', slotday, s)
+        if d == day then slot = s; break end
+        if other == '' then other = d end
       end
     end
+    -- The gateway picked the day from its view of the stock, which lags: a day with
+    -- stock left is named (the person's reservation moves there), not a sell-out.
+    if slot == '' and other ~= '' then return 'day_full', other end
     if slot == '' then return 'sold_out', next_wave end
   end
 

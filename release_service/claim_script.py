@@ -48,7 +48,7 @@ class ClaimRequest:
 
 @dataclass(frozen=True, slots=True)
 class ClaimOutcome:
-    status: str  # ok, replay, already_claimed, not_open, paused, closed, sold_out,
+    status: str  # ok, replay, already_claimed, not_open, paused, closed, sold_out, day_full,
     #              admission (queue mode: detail says why), ...
     claim: dict[str, Any] | None = None
     detail: str = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis.asyncio import Redis
@@ -88,6 +89,35 @@ async def test_spike_with_retried_keys_still_200_and_replays_identical(
     _, resident, (status, _, body) = next(r for r in results if r[0] == "key" and r[2][0] == 201)
     again = await api.claim(release["release_id"], resident, key=f"k-{resident.person_id}")
     assert again[0] == 201 and again[2] == body and again[1]["Idempotent-Replayed"] == "true"
+
+
+async def test_a_spike_for_any_slot_sells_every_visit_day(api, redis, stack_settings):
+    """Claims naming no slot take the first visit day with stock in the gateway's view,
+    which lags the script's: when that day sold out meanwhile, the claim follows the
+    stock to another day. No resident hears "sold out" while any day has a slot left."""
+    definition = release_definition([])
+    day = datetime.now(UTC).replace(hour=2, minute=0, second=0, microsecond=0)
+    definition["slots"] = [
+        {"slot_id": f"d{i}", "starts_at": (day + timedelta(days=7 + i)).isoformat(),
+         "ends_at": (day + timedelta(days=7 + i, hours=1)).isoformat(), "capacity": 25}
+        for i in range(4)]
+    rid = (await api.create_release(definition))["release_id"]
+    people = residents(stack_settings, 1500)
+
+    results = await asyncio.gather(*(api.claim(rid, resident) for resident in people))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {201, 409} and statuses.count(201) == 100, set(statuses)
+    view = await api.admin_release(rid)
+    assert (view["claimed"], view["remaining"]) == (100, 0)
+    assert [slot["claimed"] for slot in view["slots"]] == [25] * 4
+    assert await redis.hlen(keys.holders_key(rid)) == 100
+    # Every person's reservation (their limits) names the day of the slot they won.
+    by_slot = {body["person_id"]: body["slot_id"] for status, _, body in results
+               if status == 201}
+    visit_day = {slot["slot_id"]: slot["visit_day"] for slot in view["slots"]}
+    for person_id, slot_id in by_slot.items():
+        [entry] = (await redis.hgetall(keys.person_active_key(person_id))).values()
+        assert entry.decode().split("|")[1] == visit_day[slot_id]
 
 
 async def test_waves_release_their_share_at_their_time(api, stack_settings):

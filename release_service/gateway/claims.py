@@ -46,6 +46,9 @@ TWIN_WAIT_STEPS = 20
 TWIN_WAIT_SECONDS = 0.01
 MAX_ID = 64
 NO_REPLAY = ClaimOutcome("no_replay")  # until a replay-only call says otherwise
+# How often a claim for any slot follows the stock to another visit day (each move
+# re-reserves the person's limits for that day).
+DAY_MOVES = 3
 
 
 def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
@@ -169,6 +172,38 @@ async def post_claim(request: web.Request) -> web.Response:
                         limits, admission)
 
 
+async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
+                             reservation: Reservation) -> ClaimOutcome:
+    """Reserve the person's booking (limits and bans), then claim; the reservation is
+    removed again unless the claim won. A refused reservation is raised as its 4xx."""
+    release_id, claim_id = reservation.release_id, request.claim_id
+    reserved = await app[RESERVATIONS].submit("", reservation)
+    outcome = NO_REPLAY
+    for _ in range(TWIN_WAIT_STEPS if request.idempotency_key else 0):
+        if reserved.status == "ok":
+            break
+        # Refused, perhaps because a twin with this key holds the reservation: its claim
+        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
+        outcome = await app[CLAIMS].submit(release_id, replace(request, replay_only=True))
+        if outcome.status == "replay" or reserved.status != "already_claimed":
+            break
+        await asyncio.sleep(TWIN_WAIT_SECONDS)
+        reserved = await app[RESERVATIONS].submit("", reservation)
+    if reserved.status != "ok" and outcome.status != "replay":
+        error = _reservation_refusal(reserved, app[SETTINGS].zone)
+        claim_result(error.code).inc()
+        raise error
+    if reserved.status == "ok":
+        won = False
+        try:
+            outcome = await app[CLAIMS].submit(release_id, request)
+            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+        finally:
+            if not won:  # refused, or failed: the reservation must not count
+                await app[RELEASES].submit("", (reservation.person_id, claim_id))
+    return outcome
+
+
 async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
                  person_id: str, slot_id: str, idempotency_key: str,
                  limits: tuple[ClaimLimit, ...], admission: str) -> web.Response:
@@ -189,30 +224,14 @@ async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
     doc = view.document
     reservation = Reservation(claim_id, person_id, release_id, day, doc["clinic_id"],
                               doc["department"], view.limits)
-    reserved = await app[RESERVATIONS].submit("", reservation)
-    outcome = NO_REPLAY
-    for _ in range(TWIN_WAIT_STEPS if idempotency_key else 0):
-        if reserved.status == "ok":
+    outcome = await _reserve_and_claim(app, request_base, reservation)
+    for _ in range(DAY_MOVES):
+        if outcome.status != "day_full":
             break
-        # Refused, perhaps because a twin with this key holds the reservation: its claim
-        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
-        outcome = await app[CLAIMS].submit(release_id, replace(request_base, replay_only=True))
-        if outcome.status == "replay" or reserved.status != "already_claimed":
-            break
-        await asyncio.sleep(TWIN_WAIT_SECONDS)
-        reserved = await app[RESERVATIONS].submit("", reservation)
-    if reserved.status != "ok" and outcome.status != "replay":
-        error = _reservation_refusal(reserved, app[SETTINGS].zone)
-        claim_result(error.code).inc()
-        raise error
-    if reserved.status == "ok":
-        won = False
-        try:
-            outcome = await app[CLAIMS].submit(release_id, request_base)
-            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
-        finally:
-            if not won:  # refused, or failed: the reservation must not count
-                await app[RELEASES].submit("", (person_id, claim_id))
+        # Our view of the stock lagged: the day we reserved sold out, another has stock.
+        request_base = replace(request_base, day=outcome.detail)
+        reservation = replace(reservation, day=outcome.detail)
+        outcome = await _reserve_and_claim(app, request_base, reservation)
     claim = outcome.claim
     # A retried script call (lost reply) finds our own claim: that is a win, not a replay.
     own = claim is not None and claim["claim_id"] == claim_id
