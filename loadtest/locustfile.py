@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 import urllib.request
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ class Shared:
     capacity = 0
     codes: ClassVar[dict[str, str]] = {}  # code -> claim id, to find double-issued codes
     entered: ClassVar[set[str]] = set()  # persons whose lottery entry was accepted
+    answers: ClassVar[Counter[str]] = Counter()  # claim answers: "409 sold_out" -> count
     duplicate_codes = 0
     lock = threading.Lock()
 
@@ -204,6 +206,11 @@ class Resident(FastHttpUser):
 
     def on_claim(self, response: Any, replay: bool) -> None:
         status = response.status_code
+        problem = "" if status < 300 or not response.content else \
+            str(response.json().get("code", "")) if response.headers.get(
+                "Content-Type", "").startswith("application/problem+json") else ""
+        with Shared.lock:
+            Shared.answers[f"{status} {problem}".strip()] += 1
         if status == 201:
             body = response.json()
             with Shared.lock:
@@ -272,6 +279,8 @@ def _check_invariants(environment: Environment, **_: Any) -> None:
         problems.append(f"{total.num_failures} failed requests (5xx or unexpected answers)")
     print(f"requests: {total.num_requests}, failures: {total.num_failures}, "
           f"distinct codes: {len(Shared.codes)}")
+    print("claim answers:", ", ".join(f"{answer} x{count}" for answer, count
+                                      in Shared.answers.most_common()) or "none")
     for problem in problems:
         print("INVARIANT BROKEN:", problem)
     environment.process_exit_code = 1 if problems else 0
