@@ -470,7 +470,9 @@ class Stack:
         deadline = time.monotonic() + timeout
         while True:
             self._reap()
-            if not _pid_alive(pid):
+            # A child of ours is gone once collected: a multi-threaded one (Redis, Tansu)
+            # shows as a zombie while its threads still exit, and cannot be collected yet.
+            if pid not in self._children and not _pid_alive(pid):
                 return True
             if time.monotonic() > deadline:
                 return False

@@ -177,6 +177,8 @@ def private_stack() -> Iterator[Stack]:
 async def test_a_stopped_component_is_restarted_by_up_on_its_port(private_stack, name, sig):
     ports, pids = ports_of(private_stack), pids_of(private_stack)
     private_stack.stop(name, sig)
+    # Collected, not left a zombie (its Popen would warn "still running" when discarded).
+    assert not os.path.exists(f"/proc/{pids[name]}")  # noqa: ASYNC240 (procfs, instant)
     row = next(r for r in private_stack.status() if r.name == name)
     assert (row.pid, row.healthy) == (None, False)
     values = private_stack.up()
