@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import orjson
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner
 
 CLAIM = "/v1/releases/[id]/claims"
 
@@ -80,8 +81,12 @@ def _admin(environment: Environment) -> dict[str, str]:
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
-    Shared.accounts = [orjson.loads(line) for line in
-                       Path(options.users_file).read_bytes().splitlines() if line.strip()]
+    if not isinstance(environment.runner, MasterRunner):  # the master runs no users
+        try:
+            lines = Path(options.users_file).read_bytes().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"--users-file: {exc.strerror}: {options.users_file}") from None
+        Shared.accounts = [orjson.loads(line) for line in lines if line.strip()]
     Shared.release_id = options.release_id
     if options.create_release:
         opens = datetime.now(UTC) + timedelta(seconds=options.opens_in)
