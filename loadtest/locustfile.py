@@ -12,8 +12,10 @@ mode decides the residents' way in: `first_come` claims at once; `queue` joins t
 waiting room, polls the standing (the events' polling form) until admitted and claims
 with the admission token; `lottery` enters the draw. At the end the invariants are
 checked through the admin API (claimed + remaining = capacity, every 201 a distinct
-code, no 5xx; a drawn lottery booked exactly its winners) and the exit code says whether
-they held. `--create-release N --mode queue|lottery` creates a release of that mode.
+code, no 5xx; a drawn lottery booked its winners, min(stock, entries not skipped)) and
+the exit code says whether they held; in a distributed run the master checks them with
+what every worker reported. `--create-release N --mode queue|lottery` creates a release
+of that mode.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, ClassVar
 import orjson
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
-from locust.runners import MasterRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 CLAIM = "/v1/releases/[id]/claims"
 
@@ -50,6 +52,36 @@ class Shared:
     answers: ClassVar[Counter[str]] = Counter()  # claim answers: "409 sold_out" -> count
     duplicate_codes = 0
     lock = threading.Lock()
+    # On a worker: what was recorded since its last report to the master.
+    unsent: ClassVar[dict[str, Any]] = {"answers": Counter(), "codes": {}, "entered": []}
+
+
+def record(answers: dict[str, int] | None = None, codes: dict[str, str] | None = None,
+           entered: list[str] | None = None) -> None:
+    """Count claim answers, issued codes (code -> claim id) and accepted lottery entries,
+    here and, on a worker, for its next report: the master checks the whole run."""
+    with Shared.lock:
+        Shared.answers.update(answers or {})
+        Shared.unsent["answers"].update(answers or {})
+        for code, claim_id in (codes or {}).items():
+            if Shared.codes.setdefault(code, claim_id) != claim_id:
+                Shared.duplicate_codes += 1
+            Shared.unsent["codes"][code] = claim_id
+        Shared.entered.update(entered or [])
+        Shared.unsent["entered"] += entered or []
+
+
+@events.report_to_master.add_listener
+def _report(data: dict[str, Any], **_: Any) -> None:
+    with Shared.lock:
+        data["release_service"] = {**Shared.unsent, "answers": dict(Shared.unsent["answers"])}
+        Shared.unsent = {"answers": Counter(), "codes": {}, "entered": []}
+
+
+@events.worker_report.add_listener
+def _worker_report(data: dict[str, Any], **_: Any) -> None:
+    if "release_service" in data:
+        record(**data["release_service"])
 
 
 @events.init_command_line_parser.add_listener
@@ -78,15 +110,22 @@ def _admin(environment: Environment) -> dict[str, str]:
     return {"Authorization": f"Bearer {environment.parsed_options.admin_token}"}
 
 
+def _accounts(users_file: str) -> list[dict[str, Any]]:
+    try:
+        lines = Path(users_file).read_bytes().splitlines()
+    except OSError as exc:
+        raise SystemExit(f"--users-file: {exc.strerror}: {users_file}") from None
+    return [orjson.loads(line) for line in lines if line.strip()]
+
+
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
-    options = environment.parsed_options
-    if not isinstance(environment.runner, MasterRunner):  # the master runs no users
-        try:
-            lines = Path(options.users_file).read_bytes().splitlines()
-        except OSError as exc:
-            raise SystemExit(f"--users-file: {exc.strerror}: {options.users_file}") from None
-        Shared.accounts = [orjson.loads(line) for line in lines if line.strip()]
+    options, runner = environment.parsed_options, environment.runner
+    if not isinstance(runner, MasterRunner):  # the master runs no users
+        Shared.accounts = _accounts(options.users_file)
+        if isinstance(runner, WorkerRunner) and options.expect_workers > 1:
+            # Workers get the master's options, so one file: each takes every n-th line.
+            Shared.accounts = Shared.accounts[runner.worker_index::options.expect_workers]
     Shared.release_id = options.release_id
     if options.create_release:
         opens = datetime.now(UTC) + timedelta(seconds=options.opens_in)
@@ -105,6 +144,8 @@ def _start(environment: Environment, **_: Any) -> None:
             headers={**_admin(environment), "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             Shared.release_id = orjson.loads(response.read())["release_id"]
+        # A master sends its options to the workers as they start: all use this release.
+        options.release_id, options.create_release = Shared.release_id, 0
     if not Shared.release_id:
         raise SystemExit("give --release-id or --create-release N")
     with urllib.request.urlopen(f"{environment.host}/v1/releases/{Shared.release_id}",
@@ -193,8 +234,7 @@ class Resident(FastHttpUser):
                               name="/v1/releases/[id]/lottery/entries",
                               catch_response=True) as response:
             if response.status_code in (200, 201):
-                with Shared.lock:
-                    Shared.entered.add(self.person)
+                record(entered=[self.person])
                 self.finish(response, "")
             elif response.status_code in (425, 429):
                 response.success()
@@ -214,14 +254,10 @@ class Resident(FastHttpUser):
         problem = "" if status < 300 or not response.content else \
             str(response.json().get("code", "")) if response.headers.get(
                 "Content-Type", "").startswith("application/problem+json") else ""
-        with Shared.lock:
-            Shared.answers[f"{status} {problem}".strip()] += 1
+        record(answers={f"{status} {problem}".strip(): 1})
         if status == 201:
             body = response.json()
-            with Shared.lock:
-                earlier = Shared.codes.setdefault(body["code"], body["claim_id"])
-                if earlier != body["claim_id"]:
-                    Shared.duplicate_codes += 1
+            record(codes={body["code"]: body["claim_id"]})
             self.finish(response, body["code"])
         elif status == 425:  # not open yet: wait as a phone would, then try again
             response.success()
@@ -303,10 +339,12 @@ def _lottery_problems(environment: Environment, view: dict[str, Any]) -> list[st
     if result["entries"] < len(Shared.entered):
         problems.append(f"{len(Shared.entered)} entries accepted, {result['entries']} counted")
     if result["state"] == "drawn":
-        winners = len(result["winners"]) + len(result.get("skipped", []))
-        if winners != min(result["entries"], view["capacity"]):
-            problems.append(f"{winners} drawn for {result['entries']} entries and "
-                            f"{view['capacity']} slots")
+        # An entry refused by the person's limits or eligibility is skipped, not booked,
+        # and the draw goes on to the next one.
+        winners, skipped = len(result["winners"]), len(result.get("skipped", []))
+        if winners != min(result["entries"] - skipped, view["capacity"]):
+            problems.append(f"{winners} winners ({skipped} skipped) for "
+                            f"{result['entries']} entries and {view['capacity']} slots")
         if view["claimed"] != len(result["winners"]):
             problems.append(f"{len(result['winners'])} winners but {view['claimed']} claimed")
     return problems
