@@ -125,7 +125,8 @@ def _start(environment: Environment, **_: Any) -> None:
         Shared.accounts = _accounts(options.users_file)
         if isinstance(runner, WorkerRunner) and options.expect_workers > 1:
             # Workers get the master's options, so one file: each takes every n-th line.
-            Shared.accounts = Shared.accounts[runner.worker_index::options.expect_workers]
+            n = options.expect_workers
+            Shared.accounts = Shared.accounts[runner.worker_index % n::n]
     Shared.release_id = options.release_id
     if options.create_release:
         opens = datetime.now(UTC) + timedelta(seconds=options.opens_in)
