@@ -119,7 +119,7 @@ RETURNING b.claim_id
 
 
 class BookingsProcessor:
-    group_id: str = "bookings"
+    group_id: str = kafka_topics.BOOKINGS_GROUP
     topics: tuple[str, ...] = (kafka_topics.CLAIMS, kafka_topics.CANCELLATIONS,
                                kafka_topics.ADMISSIONS)
     dead_letter_topic: str = kafka_topics.CLAIMS_DEAD_LETTER

@@ -251,7 +251,7 @@ def _limiter(rate_per_second: float) -> AsyncLimiter:
 
 
 class SmsProcessor:
-    group_id: str = "sms"
+    group_id: str = kafka_topics.SMS_GROUP
     topics: tuple[str, ...] = tuple(KIND_BY_TOPIC)
     dead_letter_topic: str = kafka_topics.SMS_DEAD_LETTER
 

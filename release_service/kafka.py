@@ -6,7 +6,7 @@ import contextlib
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -48,3 +48,32 @@ async def ensure_topics(settings: Settings) -> None:
     finally:
         with contextlib.suppress(KafkaError):
             await admin.close()
+
+
+async def unread(settings: Settings, group_id: str, topic: str) -> int:
+    """Events of `topic` that consumer group has not committed yet: its backlog. Where it
+    never committed, from the earliest event on (where our consumers start)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                enable_auto_commit=False, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=10_000)
+    await consumer.start()
+    try:
+        await admin.start()
+        await consumer.topics()  # the cluster's metadata, this topic's partitions with it
+        partitions = [TopicPartition(topic, p)
+                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return 0
+        end = await consumer.end_offsets(partitions)
+        first = await consumer.beginning_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        # A committed offset past the end: the broker lost the topic (memory only).
+        return sum(max(0, end[tp] - (committed[tp].offset if tp in committed
+                                     and committed[tp].offset >= 0 else first[tp]))
+                   for tp in partitions)
+    finally:
+        with contextlib.suppress(KafkaError):
+            await admin.close()
+        with contextlib.suppress(KafkaError):
+            await consumer.stop()

@@ -5,7 +5,8 @@
 - An outbox entry acknowledged by Kafka but still not in PostgreSQL after the grace
   period is published again (the broker lost it, or a consumer skipped it).
 - A booking without its confirmation SMS (or with one stuck half-sent) after the grace
-  period has its claim event published again: the SMS consumer sends what is missing.
+  period has its claim event published again, once the SMS consumer group has read
+  every claim event (until then the SMS may be on its way): it sends what is missing.
 - With `full`, every claim in Redis is checked for a booking, also those no longer in the
   outbox.
 - After Redis restarted (its run id changed) and with `full`, every confirmed booking is
@@ -37,10 +38,10 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from . import keys
+from . import keys, topics
 from .aio import wait_event
 from .db import connect_pool
-from .kafka import kafka_producer
+from .kafka import kafka_producer, unread
 from .redis_client import AnyRedis, redis_from_url
 from .relay import OutboxEntry, active_release_ids, parse_entry, publish
 from .restore_script import RestoreScript
@@ -63,6 +64,7 @@ class ReconcileReport:
     trimmed: int = 0
     republished: int = 0
     missing_sms: int = 0
+    sms_backlog: int = 0  # claim events the SMS consumers have not read: nothing republished
     missing_bookings: int = 0
     stale_reservations: int = 0
     restored: int = 0  # booked claims Redis had lost, written back
@@ -142,6 +144,7 @@ async def persisted_events(conn: Any, entries: Sequence[OutboxEntry]) -> set[str
 class Reconciler:
     def __init__(self, settings: Settings, redis: AnyRedis, pool: asyncpg.Pool,
                  producer: AIOKafkaProducer, grace_seconds: float | None = None) -> None:
+        self._settings = settings
         self._redis = redis
         self._pool = pool
         self._producer = producer
@@ -320,6 +323,13 @@ class Reconciler:
                    LIMIT 5000""",
                 SMS_KIND_CONFIRMATION, _interval(self._grace))
         report.missing_sms = len(rows)
+        if rows:
+            # Unread claim events may carry these very SMS (the SMS consumers are behind,
+            # or stopped): republished only once everything is read, or a stopped
+            # consumer would come back to the same events many times over.
+            report.sms_backlog = await unread(self._settings, topics.SMS_GROUP, topics.CLAIMS)
+            if report.sms_backlog:
+                return report
         entries = [_entry(r["release_id"], claim_event(r)) for r in rows
                    if self._due("sms:" + r["claim_id"])]
         report.republished += await self._publish(entries)

@@ -8,5 +8,9 @@ LOTTERY = "lottery.results"  # one event per entry the draw did not pick: its SM
 ADMISSIONS = "queue.admissions"  # one event per admission from a waiting room
 STANDBY = "standby.notices"  # one event per person skipped on the standby list: its SMS
 
+# Consumer groups (reconcile reads their progress).
+BOOKINGS_GROUP = "bookings"
+SMS_GROUP = "sms"
+
 ALL = (CLAIMS, CANCELLATIONS, CLAIMS_DEAD_LETTER, SMS_DEAD_LETTER, LOTTERY, ADMISSIONS,
        STANDBY)
