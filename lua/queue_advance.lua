@@ -16,6 +16,9 @@ KEYS (all under the release's hash tag {R}, one Redis Cluster slot):
   10 outbox stream the release's outbox: one "queue.admitted" event per admission (its
                    dedup id in claim_id, as every outbox event), persisted by the
                    bookings consumer
+  11 holders hash  person -> claim_id (lua/claim.lua): a person who holds a claim is
+                   not admitted (after Redis lost writes, reconcile writes claims back
+                   for persons the room had not yet seen claim)
 
 Steps, in order: (1) at opening, the pre-queue is shuffled (Fisher-Yates driven by the
 Park-Miller generator seeded with q_seed; release_service/waiting_room.py repeats it for
@@ -26,8 +29,9 @@ second's worth at once) and only while unfinished admissions stay at or below
 ceil(q_factor x stock released and left).
 ]]
 
-local meta, cap, taken, pre, line, pos, who, live, jtis, outbox =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local meta, cap, taken, pre, line, pos, who, live, jtis, outbox, holders =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
+  KEYS[11]
 local release_id = string.match(meta, '{(.-)}')
 
 local t = redis.call('TIME')
@@ -98,21 +102,27 @@ local function admit()
   allow = math.min(burst, allow + (now - adv_ms) * rate / 1000)
   adv_ms = now
   local room = math.ceil(factor * available) - redis.call('ZCARD', live)
-  local k = math.min(math.floor(allow), room, redis.call('LLEN', line))
-  for _ = 1, k do
+  local k, n = math.min(math.floor(allow), room), 0
+  while n < k do
     local person = redis.call('LPOP', line)
-    head = head + 1
-    local jti = string.sub(redis.sha1hex(seed .. ':' .. head .. ':' .. person), 1, 24)
-    local expires = now + token_ms
-    redis.call('HSET', who, person, 'a:' .. jti .. ':' .. expires)
-    redis.call('HSET', jtis, jti, person)
-    redis.call('ZADD', live, expires, jti)
-    redis.call('XADD', outbox, '*', 'type', 'queue.admitted', 'e', cjson.encode({
-      claim_id = 'admission-' .. jti, admission_id = jti, release_id = release_id,
-      person_id = person, position = head, admitted_at_ms = now, expires_at_ms = expires}))
-    admitted = admitted + 1
+    if not person then break end
+    head = head + 1  -- a place in the order, admitted or not
+    if redis.call('HEXISTS', holders, person) == 1 then
+      redis.call('HSET', who, person, 'u')  -- booked already: nothing to admit
+    else
+      local jti = string.sub(redis.sha1hex(seed .. ':' .. head .. ':' .. person), 1, 24)
+      local expires = now + token_ms
+      redis.call('HSET', who, person, 'a:' .. jti .. ':' .. expires)
+      redis.call('HSET', jtis, jti, person)
+      redis.call('ZADD', live, expires, jti)
+      redis.call('XADD', outbox, '*', 'type', 'queue.admitted', 'e', cjson.encode({
+        claim_id = 'admission-' .. jti, admission_id = jti, release_id = release_id,
+        person_id = person, position = head, admitted_at_ms = now, expires_at_ms = expires}))
+      n = n + 1
+    end
   end
-  if k > 0 then allow = allow - k end
+  admitted = admitted + n
+  allow = allow - n
   redis.call('HSET', meta, 'q_allow', tostring(allow), 'q_adv_ms', now, 'q_head', head)
 end
 admit()

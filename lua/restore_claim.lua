@@ -12,6 +12,10 @@ KEYS (all under the release's hash tag {R}, so one Redis Cluster slot):
   4 holders   hash  person_id -> claim_id
   5 claims    hash  claim_id -> claim JSON
   6 codes     hash  code -> claim_id
+  7..9 q_who, q_live, q_jtis   the waiting room of a queue release (lua/queue_advance.lua;
+                               absent otherwise): a restored holder's admission, replayed
+                               from before the loss, is marked used, so it does not hold
+                               room until it expires
 
 ARGV:
   1 n, the number of claims
@@ -30,8 +34,8 @@ Guarantees: idempotent (a present claim is never counted twice); no outbox event
 booking is persisted already); every write of one claim happens together.
 ]]
 
-local meta, cap, taken, holders, claims, codes =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local meta, cap, taken, holders, claims, codes, q_who, q_live, q_jtis =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local n = tonumber(ARGV[1])
 local reply = {}
 
@@ -56,6 +60,12 @@ for i = 0, n - 1 do
     if redis.call('HSETNX', holders, claim.person_id, claim.claim_id) == 0
         and status == 'restored' then
       status = 'person_twice'
+    end
+    local jti = string.match(redis.call('HGET', q_who, claim.person_id) or '', '^a:([^:]+):')
+    if jti then
+      redis.call('HSET', q_jtis, jti, 'u:' .. claim.person_id)
+      redis.call('ZREM', q_live, jti)
+      redis.call('HSET', q_who, claim.person_id, 'u')
     end
     reply[#reply + 1] = status
   end

@@ -15,9 +15,11 @@ STATUSES = ("present", "restored", "over_capacity", "person_twice")
 
 
 def restore_keys(release_id: str) -> list[str]:
+    queue = keys.queue_keys(release_id)
     return [keys.meta_key(release_id), keys.capacity_key(release_id),
             keys.taken_key(release_id), keys.holders_key(release_id),
-            keys.claims_key(release_id), keys.codes_key(release_id)]
+            keys.claims_key(release_id), keys.codes_key(release_id),
+            *(queue[name] for name in ("who", "live", "jtis"))]
 
 
 class RestoreScript:

@@ -115,7 +115,7 @@ def _keys(release_id: str) -> list[str]:
     q = keys.queue_keys(release_id)
     return [keys.meta_key(release_id), keys.capacity_key(release_id),
             keys.taken_key(release_id), q["pre"], q["line"], q["pos"], q["who"], q["live"],
-            q["jtis"], keys.outbox_key(release_id)]
+            q["jtis"], keys.outbox_key(release_id), keys.holders_key(release_id)]
 
 
 class WaitingRoom:

@@ -18,6 +18,7 @@ from release_service import keys
 from release_service.claim_script import ClaimRequest, ClaimScript
 from release_service.release_definition import parse_definition
 from release_service.releases import preheat
+from release_service.restore_script import RestoreScript
 from release_service.waiting_room import AdmissionTokens, WaitingRoom, shuffled
 
 QUEUED, BOTS, STOCK, FACTOR, SEED = 20_000, 2_000, 2_000, 1.2, 20261123
@@ -346,3 +347,43 @@ async def test_a_refusal_no_retry_can_change_spends_the_admission(api, redis, st
     status, _, body = await _claim(api, rid, a, standing["admission_token"])
     assert (status, body["reason"]) == (403, "used")
     assert await redis.zcard(keys.queue_keys(rid)["live"]) == 0  # its place is free
+
+
+async def test_claims_written_back_after_a_redis_loss_finish_their_room_entries(
+        api, redis, stack_settings):
+    """Redis came back without its last writes (an OS crash under everysec), so the room
+    replays admissions of persons whose bookings PostgreSQL holds; reconcile writes their
+    claims back. Such a person neither keeps an admission that holds room until it
+    expires nor is admitted again: the place goes to the next person."""
+    release = await api.create_release(release_definition(
+        [5], opens_in=-1, mode="queue", queue={"max_admit_per_second": 1}))
+    rid = release["release_id"]
+    a, b, c = residents(stack_settings, 3)
+    assert (await _join(api, rid, a))["status"] == "admitted"  # the second's worth
+    assert (await _join(api, rid, b))["status"] == "waiting"
+    assert (await _join(api, rid, c))["status"] == "waiting"
+    q = keys.queue_keys(rid)
+    jti = (await redis.hget(q["who"], a.person_id)).decode().split(":")[1]
+
+    def booked(resident, code: str) -> bytes:
+        return orjson.dumps({
+            "claim_id": secrets.token_hex(12), "code": code, "release_id": rid,
+            "slot_id": "s0", "person_id": resident.person_id, "account_id": resident.account_id,
+            "status": "confirmed", "claimed_at_ms": int(time.time() * 1000)})
+
+    restore = RestoreScript(redis, stack_settings.code_secret)
+    assert await restore(rid, [booked(a, "10000001"), booked(b, "10000002")]) == \
+        ["restored", "restored"]
+    # The admitted one's admission is spent, as a claim would have spent it.
+    assert await redis.hget(q["who"], a.person_id) == b"u"
+    assert await redis.hget(q["jtis"], jti) == f"u:{a.person_id}".encode()
+    assert await redis.zscore(q["live"], jti) is None
+
+    await asyncio.sleep(1.1)  # one more admission allowed: b is next, but booked
+    standing_c = (await api.call("GET", f"/v1/releases/{rid}/queue/{c.person_id}",
+                                 headers=c.headers))[2]
+    assert standing_c["status"] == "admitted"
+    standing_b = (await api.call("GET", f"/v1/releases/{rid}/queue/{b.person_id}",
+                                 headers=b.headers))[2]
+    assert standing_b["status"] == "used"
+    assert await redis.zcard(q["live"]) == 1  # c's admission only
