@@ -252,10 +252,10 @@ class Resident(FastHttpUser):
 
     def on_claim(self, response: Any, replay: bool) -> None:
         status = response.status_code
-        problem = "" if status < 300 or not response.content else \
-            str(response.json().get("code", "")) if response.headers.get(
-                "Content-Type", "").startswith("application/problem+json") else ""
-        record(answers={f"{status} {problem}".strip(): 1})
+        answer = str(status)
+        if response.headers.get("Content-Type", "").startswith("application/problem+json"):
+            answer += " " + str(response.json().get("code", ""))
+        record(answers={answer: 1})
         if status == 201:
             body = response.json()
             record(codes={body["code"]: body["claim_id"]})
