@@ -57,8 +57,8 @@ async def unread(settings: Settings, group_id: str, topic: str) -> int:
                                 enable_auto_commit=False, request_timeout_ms=10_000)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                                 request_timeout_ms=10_000)
-    await consumer.start()
     try:
+        await consumer.start()
         await admin.start()
         await consumer.topics()  # the cluster's metadata, this topic's partitions with it
         partitions = [TopicPartition(topic, p)
