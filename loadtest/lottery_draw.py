@@ -69,7 +69,7 @@ async def main(entries: int, slots: int, window: float) -> None:
     while catalog.now_ms() < view.closes_ms:
         await asyncio.sleep(0.1)
     lottery = Lottery(redis, ClaimScript(redis, settings.code_secret), PersonScript(redis),
-                      catalog)
+                      catalog, settings.code_secret)
     started = time.perf_counter()
     result = await lottery.draw(rid)
     assert result is not None

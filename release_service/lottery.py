@@ -28,7 +28,14 @@ from . import keys
 from .aio import wait_event
 from .catalog import ReleaseCatalog, ReleaseView
 from .claim_script import ClaimRequest, ClaimScript
-from .lottery_draw import ALGORITHM_TEXT, DRAW_ALGORITHM, commit_seed, draw_order, seed_commitment
+from .lottery_draw import (
+    ALGORITHM_TEXT,
+    DRAW_ALGORITHM,
+    commit_seed,
+    draw_order,
+    seed_commitment,
+    seed_from,
+)
 from .lua import lua_source
 from .person_script import PersonScript, Reservation
 from .redis_client import AnyRedis
@@ -77,8 +84,9 @@ def entry_claim_id(release_id: str, seed: int, number: int) -> str:
 
 class Lottery:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
-                 catalog: ReleaseCatalog) -> None:
+                 catalog: ReleaseCatalog, code_secret: str) -> None:
         self._redis = redis
+        self._secret = code_secret  # the seeds' key (lottery_draw.seed_from)
         self._enter = redis.register_script(
             lua_source("eligibility.lua") + lua_source("lottery_enter.lua"))
         self._notify = redis.register_script(lua_source("lottery_notify.lua"))
@@ -113,16 +121,17 @@ class Lottery:
         pipe.llen(keys.lottery_entries_key(release_id))
         result, committed, listed = await pipe.execute()
         stored = {_text(k): _text(v) for k, v in result.items()}
-        seed = {_text(k): _text(v) for k, v in committed.items()}
+        fixed = {_text(k): _text(v) for k, v in committed.items()}
         body: dict[str, Any] = {"release_id": release_id,
                                 "entries": int(stored.get("entries") or listed),
                                 "state": stored.get("state", "open")}
-        if "seed" in seed:
-            body.update({"seed_sha256": seed_commitment(seed["seed"]),
-                         "committed_at_ms": int(seed["committed_at_ms"])})
+        seed = seed_from(self._secret, release_id, fixed) if fixed else None
+        if seed is not None:
+            body.update({"seed_sha256": seed_commitment(seed),
+                         "committed_at_ms": int(fixed["committed_at_ms"])})
         if stored.get("state") in ("notifying", "drawn"):  # winners final, SMS on their way
             body.update({
-                "seed": seed["seed"], "algorithm": stored["algorithm"],
+                "seed": str(seed), "algorithm": stored["algorithm"],
                 "algorithm_text": ALGORITHM_TEXT,
                 "drawn_at_ms": int(stored["drawn_at_ms"]),
                 "winners": orjson.loads(stored["winners"]),
@@ -161,8 +170,9 @@ class Lottery:
             return
         await self._redis.hsetnx(result_key, "algorithm", DRAW_ALGORITHM)
         await self._redis.hsetnx(result_key, "state", "drawing")  # a run again keeps its own
-        recorded_seed = int(_text(await self._redis.hget(keys.lottery_seed_key(release_id),
-                                                         "seed") or b""))
+        fixed = await self._redis.hgetall(keys.lottery_seed_key(release_id))
+        recorded_seed = seed_from(self._secret, release_id,
+                                  {_text(k): _text(v) for k, v in fixed.items()})
         count = int(recorded["entries"])
         started = time.perf_counter()
         raw: list[bytes] = []

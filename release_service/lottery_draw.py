@@ -1,8 +1,10 @@
 """The lottery draw itself: a seeded Fisher–Yates shuffle anyone can repeat, from a seed
 committed to before anyone could enter.
 
-The seed is made by the service when the release is created (`commit_seed`, in the same
-transaction as the release's keys) and kept in Redis on the release's slot. From then on
+The seed is fixed when the release is created (`commit_seed`, in the same transaction as
+the release's keys): Redis keeps a random nonce on the release's slot, and the seed is the
+HMAC of release and nonce under the server's code secret (`seed_from`), so whoever can
+read Redis but not the service's secrets cannot learn the seed early. From then on
 GET /v1/releases/{id}/lottery publishes its SHA-256 (`seed_sha256`, of the seed's decimal
 digits in ASCII), so the seed cannot be chosen after seeing the entries; the seed itself is
 published with the result, with the number of entries and the algorithm (`DRAW_ALGORITHM`,
@@ -25,6 +27,7 @@ whose person cannot be booked (a limit reached meanwhile), which the result list
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 import secrets
 from typing import Any
@@ -52,11 +55,22 @@ def seed_commitment(seed: int | str) -> str:
 
 
 def commit_seed(pipe: Any, release_id: str, now_ms: int) -> None:
-    """Queue the making of the release's seed on a (transactional) pipeline; nothing
-    changes when the release has one: a seed, once committed to, is never replaced."""
+    """Queue the making of the release's seed (its nonce) on a (transactional) pipeline;
+    nothing changes when the release has one: a seed, once committed to, is never
+    replaced."""
     key = keys.lottery_seed_key(release_id)
-    pipe.hsetnx(key, "seed", str(new_seed()))
+    pipe.hsetnx(key, "nonce", str(new_seed()))
     pipe.hsetnx(key, "committed_at_ms", now_ms)
+
+
+def seed_from(secret: str, release_id: str, committed: dict[str, str]) -> int:
+    """The release's seed from its committed fields: 128 bits of the HMAC of release and
+    nonce (a release committed to before nonces keeps its stored seed)."""
+    if "seed" in committed:
+        return int(committed["seed"])
+    message = f"lottery-seed:{release_id}:{committed['nonce']}".encode()
+    return int.from_bytes(hmac.new(secret.encode(), message, hashlib.sha256).digest()[:16],
+                          "big")
 
 
 def draw_order(entries: int, seed: int) -> list[int]:

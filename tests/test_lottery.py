@@ -17,7 +17,7 @@ from release_service import keys
 from release_service.catalog import ReleaseCatalog
 from release_service.claim_script import ClaimRequest, ClaimScript
 from release_service.lottery import entry_claim_id
-from release_service.lottery_draw import DRAW_ALGORITHM, draw_order, seed_commitment
+from release_service.lottery_draw import DRAW_ALGORITHM, draw_order, seed_commitment, seed_from
 from release_service.person_script import PersonScript, Reservation
 from release_service.seed import seed_users
 
@@ -48,10 +48,27 @@ def recompute(r: dict, seed_sha256: str) -> list[int]:
     return [n for n in picked if n not in skipped]
 
 
-async def committed_seed(redis, release_id: str) -> int:
-    """The seed the service keeps secret until the draw (the test reads it to arrange a
-    skip, and to compare)."""
-    return int(await redis.hget(keys.lottery_seed_key(release_id), "seed"))
+async def committed_seed(redis, release_id: str, secret: str) -> int:
+    """The seed the service keeps secret until the draw (the test derives it, with the
+    server's secret, to arrange a skip, and to compare)."""
+    fixed = await redis.hgetall(keys.lottery_seed_key(release_id))
+    return seed_from(secret, release_id, {k.decode(): v.decode() for k, v in fixed.items()})
+
+
+async def redis_dump(redis) -> bytes:
+    """Every key and value in Redis (strings, hashes, lists), joined: to search for a
+    secret in what a reader of Redis sees."""
+    parts = []
+    async for key in redis.scan_iter(count=1000):
+        kind = await redis.type(key)
+        if kind == b"string":
+            parts.append(await redis.get(key))
+        elif kind == b"hash":
+            parts += [b"%s=%s" % kv for kv in (await redis.hgetall(key)).items()]
+        elif kind == b"list":
+            parts += await redis.lrange(key, 0, -1)
+        parts.append(key)
+    return b"\n".join(parts)
 
 
 def test_draw_is_reproducible_from_its_seed():
@@ -136,7 +153,7 @@ async def test_a_draw_run_again_after_a_crash_keeps_the_committed_seed(api, redi
     commitment = (await api.call("GET", f"/v1/releases/{rid}/lottery"))[2]["seed_sha256"]
     for n, who in enumerate(people, 1):
         assert (await enter(api, rid, who))[1]["entry"] == n
-    seed = await committed_seed(redis, rid)
+    seed = await committed_seed(redis, rid, stack_settings.code_secret)
     first = verify(10, seed)[0]
     await redis.hset(keys.lottery_result_key(rid), mapping={
         "entries": 10, "state": "drawing", "algorithm": DRAW_ALGORITHM})
@@ -178,8 +195,11 @@ async def test_lottery_over_http_drawn_by_the_gateway_at_the_draw_time(api, redi
     for n, who in enumerate(people, 1):
         status, body = await enter(api, rid, who)
         assert (status, body["entry"]) == (201, n)
+    seed = await committed_seed(redis, rid, stack_settings.code_secret)
+    # Redis alone does not tell the seed: no value of any key holds it before the draw.
+    assert str(seed).encode() not in await redis_dump(redis)
     # The first entry the draw picks already holds a booking that day at that clinic.
-    unlucky = draw_order(8, await committed_seed(redis, rid))[0]
+    unlucky = draw_order(8, seed)[0]
     assert (await api.claim(elsewhere, people[unlucky - 1]))[0] == 201
     status, body = await enter(api, rid, people[2])
     assert (status, body["entry"]) == (200, 3)

@@ -113,7 +113,7 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
                                app[CATALOG], settings.standby_decline_seconds)
     app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,
-                           app[CATALOG])
+                           app[CATALOG], settings.code_secret)
     stopping = asyncio.Event()
     background = [
         asyncio.create_task(resume_handoffs(app[STANDBY], app[CATALOG],
