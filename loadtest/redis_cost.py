@@ -25,13 +25,13 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 
+from bench import free_port
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from reference_server import CLAIM_SCRIPT, STOCK_KEY
@@ -46,12 +46,6 @@ from release_service.stack import redis_binary
 
 CLINIC_ZONE = timezone(timedelta(hours=8))
 SCENARIOS = ("reference", "claim", "claim+reserve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def redis_cpu(redis: Redis) -> float:
