@@ -65,7 +65,7 @@ def test_token_round_trip_and_cache():
     token = CODEC.issue("a1", [GRANT])
     principal = CODEC.verify(token)
     assert principal.account_id == "a1" and principal.persons == {"p1": GRANT}
-    assert CODEC.verify(token) is principal  # the second use costs no HMAC
+    assert CODEC.verify(token) == principal  # the second use costs no HMAC
 
 
 def test_expired_token_even_from_the_cache():
