@@ -3,7 +3,6 @@ documents."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import secrets
@@ -18,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import PROBLEM_CONTENT_TYPE, NotFound, ServiceError, Unavailable
-from ..metrics import HTTP_LATENCY, HTTP_REQUESTS
+from ..metrics import HTTP
 
 log = logging.getLogger("release_service.gateway")
 
@@ -75,16 +74,6 @@ def _check_path_ids(request: web.Request) -> None:
             raise NotFound(f"no such {name.replace('_', ' ')}")
 
 
-@functools.cache
-def _requests(route: str, status: int) -> Any:
-    return HTTP_REQUESTS.labels(route, str(status))
-
-
-@functools.cache
-def _latency(route: str) -> Any:
-    return HTTP_LATENCY.labels(route)
-
-
 _NOT_COUNTED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -105,7 +94,7 @@ def gateway_middleware(limit: int) -> Any:
         counted = request.path not in _NOT_COUNTED
         if counted:
             if in_flight >= limit:
-                _requests("overloaded", 503).inc()
+                HTTP.count("overloaded", 503)
                 return problem_response(503, shed_body, "", retry_after=1)
             in_flight += 1
         request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or \
@@ -140,8 +129,7 @@ def gateway_middleware(limit: int) -> Any:
             if counted:
                 in_flight -= 1
         route = _route_name(request)
-        _requests(route, response.status).inc()
-        _latency(route).observe(time.perf_counter() - started)
+        HTTP.observe(route, response.status, time.perf_counter() - started)
         return response
 
     return gateway
