@@ -1,6 +1,6 @@
 """Benchmark harness: one command, a few minutes, every figure measured in the same run.
 
-    python loadtest/bench.py [--duration 8] [--connections 64] [--processes 1]
+    python loadtest/bench.py [--duration 8] [--rounds 3] [--connections 64] [--processes 1]
 
 Starts its own stack (Redis, broker, PostgreSQL) in a scratch folder, then measures with
 wrk (a non-Python load generator, so the generator is not the bottleneck) on loopback:
@@ -19,7 +19,12 @@ wrk (a non-Python load generator, so the generator is not the bottleneck) on loo
 - naive_sql   the naive relational design: 50 clients, SELECT ... FOR UPDATE on the stock
               row, update, insert the booking, commit
 
-then the pipeline: the bookings consumer's drain rate on the claims just made, and the
+The HTTP scenarios run `--rounds` times, interleaved (minimal, the references, claim_win,
+sold_out, not_open, then again): this machine's speed drifts by 10-20% from one minute to
+the next, so each ratio is taken within its round, against that round's minimal handler,
+and the median round is reported with the spread of the rounds.
+
+Then the pipeline: the bookings consumer's drain rate on the claims just made, and the
 time from the last 201 of a spike to its last booking row. Prints a table, the ratios
 against the minimal handler next to the issue's reference machine's (calibration: how far
 this machine's ceiling and Redis designs sit from those figures), writes JSON (to compare
@@ -38,6 +43,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +79,7 @@ class Row:
     cpu_us_per_request: float | None = None
     redis_cpu_percent: float | None = None
     note: str = ""
+    spread: str = ""  # the rounds' lowest and highest req/s
 
 
 @dataclass
@@ -80,7 +87,8 @@ class Report:
     machine: str
     started_at: str
     settings: dict[str, object]
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # every measurement, round by round
+    summary: list[Row] = field(default_factory=list)  # per scenario: the median round
     pipeline: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     targets: dict[str, bool] = field(default_factory=dict)
@@ -247,8 +255,25 @@ class Bench:
             return data
 
     # -- scenarios -------------------------------------------------------------------------
+    def settle(self, timeout: float = 60) -> None:
+        """Wait out a background AOF rewrite or snapshot of Redis: the forked child would
+        take one of the two cores from whatever is measured next."""
+        import redis
+
+        client = redis.Redis.from_url(self.settings.redis_url)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                info = client.info("persistence")
+                if not info["aof_rewrite_in_progress"] and not info["rdb_bgsave_in_progress"]:
+                    return
+                time.sleep(0.2)
+        finally:
+            client.close()
+
     def measure(self, name: str, url: str, env: dict[str, str], pids: list[int],
                 note: str = "") -> Row:
+        self.settle()
         redis_pid = self.stack.pid("redis") or 0
         cpu_before, redis_before = cpu_seconds(pids), cpu_seconds([redis_pid])
         result = wrk(url, self.args.duration, self.args.connections, env)
@@ -300,26 +325,38 @@ class Bench:
             return self.limits_cost(win_file)
         spike_file = self.residents_file(20_000, "spike")
         pids = [self.gateway.pid]
-
-        self.measure("minimal", f"http://127.0.0.1:{self.minimal_port}/", {},
-                     [self.minimal.pid], "aiohttp + uvloop, pre-encoded JSON")
-        self.reference_designs(win_file)
-        win = self.create_release(1_000_000)
-        row = self.measure("claim_win", self.base, {
-            "CLAIMS_FILE": str(win_file), "CLAIM_PATH": f"/v1/releases/{win}/claims"}, pids)
-        claimed = int(self.admin_view(win)["claimed"])  # type: ignore[call-overload]
-        row.note = f"{claimed:,} claims taken, all 201"
-        self.fsync_always(pids)
         sold_out = self.create_release(0)
-        self.measure("sold_out", self.base, {
-            "CLAIMS_FILE": str(spike_file), "CLAIM_PATH": f"/v1/releases/{sold_out}/claims"},
-            pids, "409 from the local view")
         not_open = self.create_release(10, opens_in=3600)
-        self.measure("not_open", self.base, {
-            "CLAIMS_FILE": str(spike_file), "CLAIM_PATH": f"/v1/releases/{not_open}/claims"},
-            pids, "425 from the local view")
+        claimed: dict[str, int] = {}  # release -> claims taken, for the pipeline
+        # Unmeasured: the first measurement of a run was 30-40% slow here without it.
+        for url in (f"http://127.0.0.1:{self.minimal_port}/", self.base + "/healthz"):
+            wrk(url, 2, self.args.connections, {})
+        for turn in range(self.args.rounds):
+            print(f"round {turn + 1} of {self.args.rounds}", file=sys.stderr)
+            if turn:  # per-person limits span releases: every round has new residents
+                win_file = self.residents_file(expected, f"winners-{turn}")
+            self.measure("minimal", f"http://127.0.0.1:{self.minimal_port}/", {},
+                         [self.minimal.pid], "aiohttp + uvloop, pre-encoded JSON")
+            self.reference_designs(win_file)
+            win = self.create_release(1_000_000)
+            row = self.measure("claim_win", self.base, {
+                "CLAIMS_FILE": str(win_file), "CLAIM_PATH": f"/v1/releases/{win}/claims"},
+                pids)
+            claimed[win] = int(self.admin_view(win)["claimed"])  # type: ignore[call-overload]
+            row.note = f"{claimed[win]:,} claims taken, all 201"
+            self.measure("sold_out", self.base, {
+                "CLAIMS_FILE": str(spike_file),
+                "CLAIM_PATH": f"/v1/releases/{sold_out}/claims"}, pids,
+                "409 from the local view")
+            self.measure("not_open", self.base, {
+                "CLAIMS_FILE": str(spike_file),
+                "CLAIM_PATH": f"/v1/releases/{not_open}/claims"}, pids,
+                "425 from the local view")
+        for process, _ in self.references.values():
+            stop_process(process)  # idle from here on: leave the cores to the rest
+        claimed.update(self.fsync_always(pids))
         asyncio.run(self.naive_sql())
-        self.pipeline(win, claimed, spike_file)
+        self.pipeline(claimed, spike_file)
         self.ratios()
         return self.report
 
@@ -339,11 +376,10 @@ class Bench:
                     else "one EVALSHA per tick, up to 32 claims")
                 taken = STOCK - int(client.get(STOCK_KEY) or 0)
                 row.note += f"; {taken:,} taken"
-                stop_process(process)  # idle from here on: leave the cores to the rest
         finally:
             client.close()
 
-    def fsync_always(self, pids: list[int]) -> None:
+    def fsync_always(self, pids: list[int]) -> dict[str, int]:
         """The winning path again with `appendfsync always` (an fsync per write: an OS
         crash then loses no acknowledged claim), set on the running Redis and put back."""
         import redis
@@ -359,6 +395,7 @@ class Bench:
         finally:
             client.config_set("appendfsync", "everysec")
             client.close()
+        return {release: int(self.admin_view(release)["claimed"])}  # type: ignore[call-overload]
 
     async def naive_sql(self, clients: int = 50) -> None:
         """SELECT ... FOR UPDATE on the stock row, update, insert the booking, commit."""
@@ -401,11 +438,12 @@ class Bench:
         print(f"  naive_sql: {row.requests_per_s:,.0f} claims/s", file=sys.stderr)
         self.report.rows.append(row)
 
-    def pipeline(self, release_id: str, claimed: int, spike_file: Path) -> None:
-        """Drain rate of the bookings consumer, then last-201-to-last-row of a spike."""
-        asyncio.run(self._pipeline(release_id, claimed, spike_file))
+    def pipeline(self, claimed: dict[str, int], spike_file: Path) -> None:
+        """Drain rate of the bookings consumer on the claims of every round (release ->
+        claims taken), then last-201-to-last-row of a spike."""
+        asyncio.run(self._pipeline(claimed, spike_file))
 
-    async def _pipeline(self, release_id: str, claimed: int, spike_file: Path) -> None:
+    async def _pipeline(self, claimed_by_release: dict[str, int], spike_file: Path) -> None:
         from redis.asyncio import Redis
 
         from release_service import keys
@@ -413,15 +451,16 @@ class Bench:
         redis = Redis.from_url(self.settings.redis_url)
         db = await asyncpg.connect(self.settings.database_url)
         relay = self.start(str(BIN), "relay", env=self.env)
-        # 1. The relay moves the outbox into Kafka first: the consumer then has a backlog.
+        claimed, releases = sum(claimed_by_release.values()), list(claimed_by_release)
+        # 1. The relay moves the outboxes into Kafka first: the consumer then has a backlog.
         bar = tqdm(total=claimed, desc="relay to Kafka", unit="event", file=sys.stderr)
         while True:
-            info = await redis.xinfo_groups(keys.outbox_key(release_id))
-            relayed = claimed - int(info[0]["lag"] or 0) - int(info[0]["pending"]) \
-                if info else 0
-            bar.n = max(0, relayed)
+            groups = [await redis.xinfo_groups(keys.outbox_key(r)) for r in releases]
+            left = sum(int(g[0]["lag"] or 0) + int(g[0]["pending"]) if g
+                       else claimed_by_release[r] for r, g in zip(releases, groups, strict=True))
+            bar.n = min(claimed, max(0, claimed - left))
             bar.refresh()
-            if info and not info[0]["lag"] and not info[0]["pending"]:
+            if not left:
                 break
             await asyncio.sleep(0.2)
         bar.close()
@@ -431,7 +470,8 @@ class Bench:
         bar = tqdm(total=claimed, desc="bookings persisted", unit="row", file=sys.stderr)
         first_row_at = None
         while True:
-            count = await db.fetchval("SELECT count(*) FROM bookings")
+            count = await db.fetchval(
+                "SELECT count(*) FROM bookings WHERE release_id = ANY($1)", releases)
             elapsed = time.monotonic() - started
             self.report.persisted_timeline.append((round(elapsed, 2), count))
             if count and first_row_at is None:
@@ -470,20 +510,29 @@ class Bench:
         await redis.aclose()
 
     def ratios(self) -> None:
-        rows = {r.name: r for r in self.report.rows}
-        ceiling = rows["minimal"].requests_per_s
+        rounds: dict[str, list[Row]] = {}
+        for row in self.report.rows:
+            rounds.setdefault(row.name, []).append(row)
+        self.report.summary = [median_row(measured) for measured in rounds.values()]
+        rows = {r.name: r for r in self.report.summary}
+
+        def per_round(name: str, base: str = "minimal") -> float:
+            """The median over rounds of name's req/s over base's in the same round."""
+            return statistics.median(a.requests_per_s / b.requests_per_s
+                                     for a, b in zip(rounds[name], rounds[base], strict=True))
+
         win = rows["claim_win"]
         batch = rows["reference_batch"]
         ratios = {
-            "claim_win / minimal": win.requests_per_s / ceiling,
-            "reference_single / minimal": rows["reference_single"].requests_per_s / ceiling,
-            "reference_batch / minimal": batch.requests_per_s / ceiling,
+            "claim_win / minimal": per_round("claim_win"),
+            "reference_single / minimal": per_round("reference_single"),
+            "reference_batch / minimal": per_round("reference_batch"),
             # What our full rules cost against the bare batched design, same machine:
-            "claim_win / reference_batch": win.requests_per_s / batch.requests_per_s,
+            "claim_win / reference_batch": per_round("claim_win", "reference_batch"),
             "claim_win CPU/req / reference_batch CPU/req":
             (win.cpu_us_per_request or 0) / (batch.cpu_us_per_request or 1),
-            "sold_out / minimal": rows["sold_out"].requests_per_s / ceiling,
-            "not_open / minimal": rows["not_open"].requests_per_s / ceiling,
+            "sold_out / minimal": per_round("sold_out"),
+            "not_open / minimal": per_round("not_open"),
             "claim_win / naive_sql": win.requests_per_s / rows["naive_sql"].requests_per_s,
             "claim_win_fsync_always / claim_win":
             rows["claim_win_fsync_always"].requests_per_s / win.requests_per_s,
@@ -502,19 +551,35 @@ class Bench:
         }
         issue_ceiling = ISSUE_REQUESTS_PER_S["minimal"]
         self.report.calibration = {
-            name: {"here": rows[name].requests_per_s / ceiling,
+            name: {"here": per_round(name),
                    "issue": ISSUE_REQUESTS_PER_S.get(name, 0) / issue_ceiling}
             for name in ("minimal", "reference_single", "reference_batch", "claim_win")}
 
 
+def median_row(rounds: list[Row]) -> Row:
+    """One scenario's rounds as one row: the median of each figure, and the req/s range."""
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    rates = [r.requests_per_s for r in rounds]
+    return Row(rounds[0].name, statistics.median(rates),
+               statistics.median(r.p50_ms for r in rounds),
+               statistics.median(r.p99_ms for r in rounds),
+               median([r.cpu_us_per_request for r in rounds]),
+               median([r.redis_cpu_percent for r in rounds]), rounds[-1].note,
+               f"{min(rates):,.0f}-{max(rates):,.0f}" if len(rounds) > 1 else "")
+
+
 def table(report: Report) -> str:
     lines = [f"machine: {report.machine}; {report.started_at}; {report.settings}", "",
-             "| scenario | req/s | p50 ms | p99 ms | CPU µs/req | Redis CPU % | note |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in report.rows:
+             "| scenario | req/s | rounds' req/s | p50 ms | p99 ms | CPU µs/req | Redis CPU % "
+             "| note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report.summary or report.rows:
         cpu = f"{r.cpu_us_per_request:.0f}" if r.cpu_us_per_request is not None else "-"
         redis = f"{r.redis_cpu_percent:.0f}" if r.redis_cpu_percent is not None else "-"
-        lines.append(f"| {r.name} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
+        lines.append(f"| {r.name} | {r.requests_per_s:,.0f} | {r.spread or '-'} | {r.p50_ms:.2f} | "
                      f"{r.p99_ms:.2f} | {cpu} | {redis} | {r.note} |")
     lines += ["", "| pipeline | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:,.2f} |" for k, v in report.pipeline.items()]
@@ -537,22 +602,26 @@ def plot(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (throughput, latency, drain) = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = [r.name for r in report.rows]
-    throughput.bar(names, [r.requests_per_s for r in report.rows], color="#3b7dd8")
-    throughput.set_title("requests (claims) per second")
+    rows = report.summary or report.rows
+    names = [r.name for r in rows]
+    rates = {name: [r.requests_per_s for r in report.rows if r.name == name] for name in names}
+    medians = [r.requests_per_s for r in rows]
+    throughput.bar(names, medians, color="#3b7dd8",
+                   yerr=[[m - min(rates[n]) for n, m in zip(names, medians, strict=True)],
+                         [max(rates[n]) - m for n, m in zip(names, medians, strict=True)]],
+                   capsize=3)
+    throughput.set_title("requests (claims) per second: median, rounds' range")
     throughput.tick_params(axis="x", rotation=30)
     positions = range(len(names))
-    latency.bar([p - 0.2 for p in positions], [r.p50_ms for r in report.rows], 0.4,
-                label="p50")
-    latency.bar([p + 0.2 for p in positions], [r.p99_ms for r in report.rows], 0.4,
-                label="p99")
+    latency.bar([p - 0.2 for p in positions], [r.p50_ms for r in rows], 0.4, label="p50")
+    latency.bar([p + 0.2 for p in positions], [r.p99_ms for r in rows], 0.4, label="p99")
     latency.set_xticks(list(positions), names, rotation=30)
     latency.set_yscale("log")
     latency.set_title("latency (ms, log scale)")
     latency.legend()
     if report.persisted_timeline:
-        seconds, rows = zip(*report.persisted_timeline, strict=True)
-        drain.plot(seconds, rows, color="#2a9d5c")
+        seconds, persisted = zip(*report.persisted_timeline, strict=True)
+        drain.plot(seconds, persisted, color="#2a9d5c")
     drain.set_title("bookings persisted over time (backlog drain)")
     drain.set_xlabel("seconds since the consumer started")
     fig.suptitle(f"release-service benchmark — {report.started_at}")
@@ -564,6 +633,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the HTTP scenarios, interleaved; medians are reported")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--processes", type=int, default=1, help="gateway processes")
     parser.add_argument("--limits-cost", action="store_true",
