@@ -56,6 +56,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from bench import children_of, free_port, stop_process, wait_http
+from redis.asyncio import Redis
 from tqdm import tqdm
 
 from release_service import keys
@@ -70,6 +71,10 @@ ROLES = ("relay", "bookings", "sms")
 MODES = ("first_come", "queue")
 QUEUE_LEAD_SECONDS = 3.0  # the queue release opens this long after its residents joined
 POLL_SECONDS = 0.5  # a waiting app's polling interval
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass
@@ -225,6 +230,7 @@ class Chaos:
                     mode: str = "first_come") -> Outcome:
         db = await asyncpg.connect(self.settings.database_url)
         redis = redis_from_url(self.settings.redis_url)
+        assert isinstance(redis, Redis)  # the stack this harness starts runs one Redis
         jtis_key = keys.queue_keys(release_id)["jtis"]
         try:
             deadline = time.monotonic() + SETTLE_SECONDS
@@ -239,7 +245,7 @@ class Chaos:
                 given: dict[str, str] = {}
                 stored: dict[str, str] = {}
                 if mode == "queue":
-                    given = {k.decode(): v.decode()
+                    given = {_text(k): _text(v)
                              for k, v in (await redis.hgetall(jtis_key)).items()}
                     stored = {r["admission_id"]: r["person_id"] for r in await db.fetch(
                         "SELECT admission_id, person_id FROM admissions WHERE release_id = $1",

@@ -106,8 +106,14 @@ def _options(parser: Any) -> None:
                              "window: it is drawn when the window ends)")
 
 
+def _parsed(environment: Environment) -> Any:
+    """The command line's options: locust parses them before any event or user runs."""
+    assert environment.parsed_options is not None
+    return environment.parsed_options
+
+
 def _admin(environment: Environment) -> dict[str, str]:
-    return {"Authorization": f"Bearer {environment.parsed_options.admin_token}"}
+    return {"Authorization": f"Bearer {_parsed(environment).admin_token}"}
 
 
 def _accounts(users_file: str) -> list[dict[str, Any]]:
@@ -120,7 +126,7 @@ def _accounts(users_file: str) -> list[dict[str, Any]]:
 
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
-    options, runner = environment.parsed_options, environment.runner
+    options, runner = _parsed(environment), environment.runner
     if not isinstance(runner, MasterRunner):  # the master runs no users
         Shared.accounts = _accounts(options.users_file)
         if isinstance(runner, WorkerRunner) and options.expect_workers > 1:
@@ -141,7 +147,7 @@ def _start(environment: Environment, **_: Any) -> None:
                       "closes_at": (opens + timedelta(seconds=options.window)).isoformat(),
                       "slots": slots}
         request = urllib.request.Request(
-            environment.host + "/v1/admin/releases", data=orjson.dumps(definition),
+            f"{environment.host}/v1/admin/releases", data=orjson.dumps(definition),
             headers={**_admin(environment), "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             Shared.release_id = orjson.loads(response.read())["release_id"]
@@ -277,7 +283,7 @@ class Resident(FastHttpUser):
             return
         self.client.get(f"/v1/bookings/{self.code}", headers=self.headers,
                         name="/v1/bookings/[code]")
-        if random.random() < self.environment.parsed_options.cancel_share:
+        if random.random() < _parsed(self.environment).cancel_share:
             self.client.post(f"/v1/bookings/{self.code}/cancel", headers=self.headers,
                              name="/v1/bookings/[code]/cancel")
         self.stop()
@@ -301,7 +307,7 @@ def _check_invariants(environment: Environment, **_: Any) -> None:
     total = environment.stats.total
     if Shared.duplicate_codes:
         problems.append(f"{Shared.duplicate_codes} codes issued twice")
-    if environment.parsed_options.admin_token:
+    if _parsed(environment).admin_token:
         request = urllib.request.Request(
             f"{environment.host}/v1/admin/releases/{Shared.release_id}",
             headers=_admin(environment))
