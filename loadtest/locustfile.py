@@ -1,8 +1,8 @@
 """The release-spike scenario operators run before a big release.
 
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless \\
-        --users 2000 --spawn-rate 500 --run-time 60s \\
-        --users-file users.jsonl --admin-token "$ADMIN" --create-release 500 \\
+    LOCUST_ADMIN_TOKEN="$ADMIN" locust -f loadtest/locustfile.py \\
+        --host http://127.0.0.1:8080 --headless --users 2000 --spawn-rate 500 --run-time 60s \\
+        --users-file users.jsonl --create-release 500 \\
         --csv loadtest/results/spike --html loadtest/results/spike.html
 
 Residents (from a `release-service seed-users` file) wait for the opening, claim (some for
@@ -90,7 +90,10 @@ def _options(parser: Any) -> None:
                         help="seed-users output: one account per line")
     parser.add_argument("--release-id", default="", help="the release under test")
     parser.add_argument("--admin-token", default="", is_secret=True,
-                        help="admin token: creates the release and checks the invariants")
+                        env_var="LOCUST_ADMIN_TOKEN",
+                        help="admin token: creates the release and checks the invariants "
+                             "(better from LOCUST_ADMIN_TOKEN: a command line is visible to "
+                             "every user of the machine)")
     parser.add_argument("--create-release", type=int, default=0,
                         help="create a release with this many slots of stock, opening in "
                              "--opens-in seconds")
