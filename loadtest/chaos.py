@@ -60,7 +60,7 @@ from redis.asyncio import Redis
 from tqdm import tqdm
 
 from release_service import keys
-from release_service.redis_client import redis_from_url
+from release_service.redis_client import redis_from_url, reply_hash
 from release_service.seed import seed_users
 from release_service.settings import Settings, load_settings, write_settings_file
 from release_service.stack import Stack
@@ -72,9 +72,6 @@ MODES = ("first_come", "queue")
 QUEUE_LEAD_SECONDS = 3.0  # the queue release opens this long after its residents joined
 POLL_SECONDS = 0.5  # a waiting app's polling interval
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass
@@ -245,8 +242,7 @@ class Chaos:
                 given: dict[str, str] = {}
                 stored: dict[str, str] = {}
                 if mode == "queue":
-                    given = {_text(k): _text(v)
-                             for k, v in (await redis.hgetall(jtis_key)).items()}
+                    given = reply_hash(await redis.hgetall(jtis_key))
                     stored = {r["admission_id"]: r["person_id"] for r in await db.fetch(
                         "SELECT admission_id, person_id FROM admissions WHERE release_id = $1",
                         release_id)}

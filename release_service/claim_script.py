@@ -15,7 +15,7 @@ import orjson
 from . import keys
 from .booking_codes import code_keys
 from .lua import lua_source
-from .redis_client import AnyRedis
+from .redis_client import AnyRedis, reply_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +102,12 @@ class ClaimScript:
         reply = await self._script(keys=script_keys, args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):
-            status = _text(reply[i])
+            status = reply_text(reply[i])
             payload = reply[i + 1]
             if status in _WITH_CLAIM:
                 outcomes.append(ClaimOutcome(status, orjson.loads(payload)))
             else:
-                outcomes.append(ClaimOutcome(status, None, _text(payload)))
+                outcomes.append(ClaimOutcome(status, None, reply_text(payload)))
         return outcomes
 
 
@@ -118,6 +118,3 @@ def _mode(request: ClaimRequest) -> str:
         return "draw"
     return "claim" if request.standby_decline_ms is None else "standby"
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -38,7 +38,7 @@ from .lottery_draw import (
 )
 from .lua import lua_source
 from .person_script import PersonScript, Reservation
-from .redis_client import AnyRedis
+from .redis_client import AnyRedis, reply_hash, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,6 @@ class EnterOutcome:
     number: int = 0
     detail: str = ""
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry(number: int, raw: bytes) -> Entry:
@@ -101,7 +98,7 @@ class Lottery:
             keys.lottery_entries_key(release_id), keys.lottery_people_key(release_id),
             keys.lottery_result_key(release_id),
         ], args=[person_id, account_id, birth, sex])
-        status, detail = _text(status), _text(detail)
+        status, detail = reply_text(status), reply_text(detail)
         if status == "ok":
             LOTTERY_ENTRIES.inc()
         if status in ("ok", "already_entered"):
@@ -120,8 +117,8 @@ class Lottery:
         pipe.hgetall(keys.lottery_seed_key(release_id))
         pipe.llen(keys.lottery_entries_key(release_id))
         result, committed, listed = await pipe.execute()
-        stored = {_text(k): _text(v) for k, v in result.items()}
-        fixed = {_text(k): _text(v) for k, v in committed.items()}
+        stored = reply_hash(result)
+        fixed = reply_hash(committed)
         body: dict[str, Any] = {"release_id": release_id,
                                 "entries": int(stored.get("entries") or listed),
                                 "state": stored.get("state", "open")}
@@ -150,7 +147,7 @@ class Lottery:
         finally:
             # Only our own lock: compare-and-delete would need a script; the lock's
             # time-out covers a lock taken over after ours expired.
-            if _text(await self._redis.get(lock) or b"") == token:
+            if reply_text(await self._redis.get(lock) or b"") == token:
                 await self._redis.delete(lock)
         return await self.result(release_id)
 
@@ -165,14 +162,13 @@ class Lottery:
         # The entry count is recorded first, once: a draw run again after a crash repeats
         # the same draw.
         await self._redis.hsetnx(result_key, "entries", await self._redis.llen(entries_key))
-        recorded = {_text(k): _text(v) for k, v in (await self._redis.hgetall(result_key)).items()}
+        recorded = reply_hash(await self._redis.hgetall(result_key))
         if recorded.get("state") == "drawn":
             return
         await self._redis.hsetnx(result_key, "algorithm", DRAW_ALGORITHM)
         await self._redis.hsetnx(result_key, "state", "drawing")  # a run again keeps its own
-        fixed = await self._redis.hgetall(keys.lottery_seed_key(release_id))
-        recorded_seed = seed_from(self._secret, release_id,
-                                  {_text(k): _text(v) for k, v in fixed.items()})
+        fixed = reply_hash(await self._redis.hgetall(keys.lottery_seed_key(release_id)))
+        recorded_seed = seed_from(self._secret, release_id, fixed)
         count = int(recorded["entries"])
         started = time.perf_counter()
         raw: list[bytes] = []
@@ -228,7 +224,7 @@ class Lottery:
                 else:
                     skipped.append({"entry": entry.number, "reason": outcome})
             cursor += done
-            if _text(await self._redis.get(lock) or b"") != token:
+            if reply_text(await self._redis.get(lock) or b"") != token:
                 raise RuntimeError("the draw's lock was lost")
             await self._redis.pexpire(lock, LOCK_MS)
             await self._redis.hset(result_key, mapping={

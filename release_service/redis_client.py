@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import hiredis
@@ -21,6 +22,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 AnyRedis: TypeAlias = Redis | RedisCluster
 
 CLUSTER_SCHEME = "redis+cluster://"
+
+
+def reply_text(value: bytes | str | int) -> str:
+    """A reply value as text: our clients return bytes (no decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def reply_hash(reply: Mapping[Any, Any]) -> dict[str, str]:
+    """An HGETALL reply as text."""
+    return {reply_text(k): reply_text(v) for k, v in reply.items()}
 
 
 class _HiredisPacking(AbstractConnection):

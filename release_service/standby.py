@@ -29,7 +29,7 @@ from .catalog import ReleaseCatalog
 from .claim_script import ClaimRequest, ClaimScript
 from .lua import lua_source
 from .person_script import PersonScript, Reservation
-from .redis_client import AnyRedis
+from .redis_client import AnyRedis, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,6 @@ class HandoffResult:
     claim: dict[str, Any] | None = None
 
 
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class StandbyList:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
@@ -89,9 +86,9 @@ class StandbyList:
             keys.holders_key(release_id), keys.standby_key(release_id),
             keys.standby_people_key(release_id),
         ], args=[person_id, account_id, birth, sex, request_id])
-        status = _text(status)
+        status = reply_text(status)
         if status == "not_eligible":
-            return StandbyPlace(status, detail=_text(position))
+            return StandbyPlace(status, detail=reply_text(position))
         return StandbyPlace(status, int(position), int(length))
 
     async def place(self, release_id: str, person_id: str) -> StandbyPlace:
@@ -140,7 +137,7 @@ class StandbyList:
             keys.standby_people_key(release_id), keys.handoffs_key(release_id),
             keys.outbox_key(release_id), keys.standby_left_key(release_id),
         ], args=[handoff_id, fresh_claim_id, *(refusal or ("", "", "")), release_id])
-        return _text(status), payload
+        return reply_text(status), payload
 
     async def _book(self, release_id: str, offer: dict[str, Any]) -> Refusal | None:
         """Reserve the person's limits, then book the held slot; the refusal when refused
@@ -185,7 +182,7 @@ class StandbyList:
         done = 0
         for handoff_id, raw in records.items():
             if orjson.loads(raw)["at_ms"] <= now_ms - older_than_ms:
-                await self.hand_on(release_id, _text(handoff_id))
+                await self.hand_on(release_id, reply_text(handoff_id))
                 done += 1
         return done
 

@@ -21,7 +21,7 @@ import orjson
 from . import keys
 from .errors import Forbidden
 from .lua import lua_source
-from .redis_client import AnyRedis
+from .redis_client import AnyRedis, reply_text
 from .release_definition import ReleaseDefinition
 
 PARK_MILLER_MODULUS = 2_147_483_647
@@ -97,18 +97,15 @@ class Standing:
 
 
 def _standing(reply: list[Any]) -> Standing:
-    status = _text(reply[0])
+    status = reply_text(reply[0])
     if len(reply) < 15:
         return Standing(status, detail=int(reply[1]) if len(reply) > 1 else 0)
     return Standing(
-        status, int(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4]), int(reply[5]),
-        int(reply[6]), int(_text(reply[7]) or 0), int(reply[8]), int(reply[9]),
-        int(reply[10]), int(reply[11]), float(_text(reply[12])), int(reply[13]),
+        status, int(reply[1]), reply_text(reply[2]), int(reply[3]), reply_text(reply[4]),
+        int(reply[5]), int(reply[6]), int(reply_text(reply[7]) or 0), int(reply[8]), int(reply[9]),
+        int(reply[10]), int(reply[11]), float(reply_text(reply[12])), int(reply[13]),
         joined=reply[14] == 1)
 
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _keys(release_id: str) -> list[str]:
