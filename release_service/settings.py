@@ -35,6 +35,16 @@ def _secret() -> Any:
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: when set, the primary of `redis_sentinel_master` is found through
+    # these sentinels (host:port,...) and followed across failovers; `redis_url` then
+    # gives only the database number and password.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = ""
+    # A write a resident is told about is answered only once it reached this many replicas
+    # (WAIT in the same round trip); 0 = acknowledged by the primary alone.
+    redis_min_replicas: int = 0
+    # How long a write waits for those replicas before the request is answered 503.
+    redis_replica_timeout_ms: int = 500
     kafka_bootstrap: str = "127.0.0.1:9092"
     database_url: str = "postgresql://release:release@127.0.0.1:5432/release"
     admin_token: str = _secret()
@@ -198,6 +208,23 @@ def _validate(s: Settings) -> None:
 
     if urlsplit(s.redis_url).scheme not in {"redis", "rediss", "redis+cluster", "unix"}:
         raise bad("redis_url", "expected redis://host:port/db or redis+cluster://host:port")
+    if s.redis_sentinels:
+        for part in s.redis_sentinels.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise bad("redis_sentinels", "expected host:port[,host:port...]")
+        if not s.redis_sentinel_master:
+            raise bad("redis_sentinel_master", "required with redis_sentinels: the name the "
+                      "sentinels monitor")
+        if urlsplit(s.redis_url).scheme == "redis+cluster":
+            raise bad("redis_sentinels", "Redis Cluster fails over by itself: set "
+                      "redis_sentinels or a redis+cluster:// URL, not both")
+    elif s.redis_sentinel_master:
+        raise bad("redis_sentinels", "required with redis_sentinel_master")
+    if s.redis_min_replicas < 0:
+        raise bad("redis_min_replicas", "expected 0 (primary only) or a number of replicas")
+    if s.redis_replica_timeout_ms < 1:
+        raise bad("redis_replica_timeout_ms", "expected a positive number of milliseconds")
     if urlsplit(s.database_url).scheme not in {"postgresql", "postgres"}:
         raise bad("database_url", "expected postgresql://user:password@host:port/database")
     for part in s.kafka_bootstrap.split(","):
