@@ -26,10 +26,10 @@ from consumers.runner import (
     json_object,
     run_until,
 )
-from release_service import topics as kafka_topics
-from release_service.aio import run_until_signalled
-from release_service.db import connect_pool
-from release_service.settings import Settings
+from release_service.core import topics as kafka_topics
+from release_service.core.aio import run_until_signalled
+from release_service.core.db import connect_pool
+from release_service.core.settings import Settings
 
 BOOKINGS_WRITTEN = Counter("release_bookings_written_total",
                            "Booking rows inserted or updated", ["kind"])

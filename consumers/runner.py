@@ -21,10 +21,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from release_service.aio import wait_event
-from release_service.kafka import kafka_producer
-from release_service.metrics import KAFKA_CONSUMER_LAG, watch_event_loop
-from release_service.settings import Settings
+from release_service.core.aio import wait_event
+from release_service.core.kafka import kafka_producer
+from release_service.core.metrics import KAFKA_CONSUMER_LAG, watch_event_loop
+from release_service.core.settings import Settings
 
 log = logging.getLogger("consumers.runner")
 

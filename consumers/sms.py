@@ -41,13 +41,13 @@ from consumers.runner import (
     request_id_of,
     run_until,
 )
-from consumers.sms_providers import ProviderError, SmsProvider, provider_from_settings
-from release_service import topics as kafka_topics
-from release_service.aio import run_until_signalled
-from release_service.db import connect_pool
-from release_service.logs import mask_personal_data
-from release_service.resident_id import mask_phone
-from release_service.settings import Settings
+from release_service.core import topics as kafka_topics
+from release_service.core.aio import run_until_signalled
+from release_service.core.db import connect_pool
+from release_service.core.logs import mask_personal_data
+from release_service.core.settings import Settings
+from release_service.people.resident_id import mask_phone
+from release_service.sms.providers import ProviderError, SmsProvider, provider_from_settings
 
 log = logging.getLogger("consumers.sms")
 

@@ -56,9 +56,9 @@ from pathlib import Path
 import asyncpg
 from tqdm import tqdm
 
-from release_service.settings import Settings, load_settings, write_settings_file
-from release_service.stack import Stack
-from release_service.tokens import PersonGrant, TokenCodec
+from release_service.core.settings import Settings, load_settings, write_settings_file
+from release_service.devtools.stack import Stack
+from release_service.people.tokens import PersonGrant, TokenCodec
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent / "release-service"
@@ -446,7 +446,7 @@ class Bench:
     async def _pipeline(self, claimed_by_release: dict[str, int], spike_file: Path) -> None:
         from redis.asyncio import Redis
 
-        from release_service import keys
+        from release_service.core import keys
 
         redis = Redis.from_url(self.settings.redis_url)
         db = await asyncpg.connect(self.settings.database_url)

@@ -59,11 +59,11 @@ from bench import children_of, free_port, stop_process, wait_http
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from release_service import keys
-from release_service.redis_client import redis_from_url, reply_hash
-from release_service.seed import seed_users
-from release_service.settings import Settings, load_settings, write_settings_file
-from release_service.stack import Stack
+from release_service.core import keys
+from release_service.core.settings import Settings, load_settings, write_settings_file
+from release_service.devtools.seed import seed_users
+from release_service.devtools.stack import Stack
+from release_service.scripts.client import redis_from_url, reply_hash
 
 BIN = Path(sys.executable).parent / "release-service"
 SETTLE_SECONDS = 120.0

@@ -20,17 +20,17 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
-from release_service import keys
-from release_service.catalog import ReleaseCatalog
-from release_service.claim_script import ClaimScript
-from release_service.db import connect_pool
-from release_service.lottery import Lottery
-from release_service.lua import lua_source
-from release_service.person_script import PersonScript
-from release_service.redis_client import redis_from_url
-from release_service.release_definition import parse_definition
-from release_service.releases import create_release
-from release_service.settings import load_settings
+from release_service.core import keys
+from release_service.core.db import connect_pool
+from release_service.core.settings import load_settings
+from release_service.modes.lottery import Lottery
+from release_service.releases.catalog import ReleaseCatalog
+from release_service.releases.definition import parse_definition
+from release_service.releases.store import create_release
+from release_service.scripts.claim import ClaimScript
+from release_service.scripts.client import redis_from_url
+from release_service.scripts.reserve import PersonScript
+from release_service.scripts.source import lua_source
 
 ENTER_BATCH = 10_000
 

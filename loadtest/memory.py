@@ -25,10 +25,10 @@ from bench import BIN, free_port, wait_http  # type: ignore[import-not-found]
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from release_service import keys
-from release_service.settings import load_settings, write_settings_file
-from release_service.stack import Stack
-from release_service.tokens import PersonGrant, TokenCodec
+from release_service.core import keys
+from release_service.core.settings import load_settings, write_settings_file
+from release_service.devtools.stack import Stack
+from release_service.people.tokens import PersonGrant, TokenCodec
 
 
 def rss_mb(pid: int) -> float:

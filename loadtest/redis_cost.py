@@ -37,12 +37,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from reference_server import CLAIM_SCRIPT, STOCK_KEY
 from tqdm import tqdm
 
-from release_service import keys
-from release_service.claim_script import ClaimLimit, ClaimRequest, ClaimScript
-from release_service.person_script import Limits, PersonScript, Reservation
-from release_service.release_definition import parse_definition
-from release_service.releases import preheat
-from release_service.stack import redis_binary
+from release_service.core import keys
+from release_service.devtools.stack import redis_binary
+from release_service.releases.definition import parse_definition
+from release_service.releases.store import preheat
+from release_service.scripts.claim import ClaimLimit, ClaimRequest, ClaimScript
+from release_service.scripts.reserve import Limits, PersonScript, Reservation
 
 CLINIC_ZONE = timezone(timedelta(hours=8))
 SCENARIOS = ("reference", "claim", "claim+reserve")

@@ -113,7 +113,7 @@ end
 -- Keyed permutation of [0, 10^8): a balanced Feistel network on two 4-digit halves whose
 -- round function is a keyed hash (SHA-1), so that neighbours in the sequence give
 -- unrelated codes. Sequence numbers are unique across releases (blocks from
--- PostgreSQL), so are codes. release_service/booking_codes.py is the same in Python.
+-- PostgreSQL), so are codes. release_service/scripts/booking_codes.py is the same in Python.
 -- Each round hashes "key:round:half"; the "key:round:" prefixes are made once per call
 -- (a string.format per round cost a fifth of the code's time).
 local round_prefix = {}

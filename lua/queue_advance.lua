@@ -21,7 +21,7 @@ KEYS (all under the release's hash tag {R}, one Redis Cluster slot):
                    for persons the room had not yet seen claim)
 
 Steps, in order: (1) at opening, the pre-queue is shuffled (Fisher-Yates driven by the
-Park-Miller generator seeded with q_seed; release_service/waiting_room.py repeats it for
+Park-Miller generator seeded with q_seed; release_service/modes/queue.py repeats it for
 audits) and becomes the head of the line; (2) admissions past their expiry leave `live`,
 an unused one is returned (its place goes to the next person); (3) while the release is
 open, persons are admitted from the head of the line at q_rate per second (at most one

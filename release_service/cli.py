@@ -1,6 +1,7 @@
 """The `release-service` command: parses arguments, loads settings, runs one command.
 
-Each command lives in the module that owns it (`stack`, `gateway.server`, `seed`...);
+Each command lives in the module that owns it (`devtools.stack`, `gateway.server`,
+`pipeline.relay`...);
 this module only wires the argument parser to them and turns expected failures
 (bad settings, a missing binary, a service that is down) into one clear line and exit 2.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .settings import SettingsError
+from .core.settings import SettingsError
 
 EXIT_USAGE = 2
 
@@ -67,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = stack_commands.add_parser(action, help=text, description=text)
         sub.add_argument("--dir", type=Path, default=None,
                          help="stack folder (default: $RELEASE_SERVICE_STACK_DIR or .stack)")
-        sub.set_defaults(run=_command(f"stack:cmd_{action}"))
+        sub.set_defaults(run=_command(f"devtools.stack:cmd_{action}"))
 
-    run = add("run", "supervisor:cmd_run",
+    run = add("run", "devtools.supervisor:cmd_run",
               "bring up the stack, then run the gateway, relay and consumers until Ctrl-C")
     run.add_argument("--keep-stack", action="store_true",
                      help="leave Redis, the broker and PostgreSQL running afterwards")
@@ -79,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--processes", type=int, default=None,
                          help="gateway processes sharing the port (SO_REUSEPORT)")
 
-    add("migrate", "db:cmd_migrate", "create or upgrade the database schema")
+    add("migrate", "core.db:cmd_migrate", "create or upgrade the database schema")
 
-    seed = add("seed-users", "seed:cmd_seed_users",
+    seed = add("seed-users", "devtools.seed:cmd_seed_users",
                "create N accounts, each with one person eligible for every vaccine, and "
                "write one JSON line per account: account_id, token, person_ids")
     seed.add_argument("--count", type=int, required=True, help="how many accounts")
@@ -89,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--family", type=int, default=0,
                       help="extra family members per account (0-4)")
 
-    add("relay", "relay:cmd_relay",
+    add("relay", "pipeline.relay:cmd_relay",
         "publish the outbox streams of active releases to Kafka (and reconcile on a timer)")
-    reconcile = add("reconcile", "reconcile:cmd_reconcile",
+    reconcile = add("reconcile", "pipeline.reconcile:cmd_reconcile",
                     "compare Redis claims and outbox, Kafka and PostgreSQL bookings and SMS; "
                     "publish again what is missing and trim what is persisted")
     reconcile.add_argument("--grace", type=float, default=None,
@@ -101,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "run a Kafka consumer: bookings (persist to PostgreSQL) or sms (send SMS)")
     consume.add_argument("name", choices=["bookings", "sms"], help="which consumer")
 
-    no_shows = add("no-shows", "attendance:cmd_no_shows",
+    no_shows = add("no-shows", "bookings.attendance:cmd_no_shows",
                    "mark past unattended bookings as no-shows and ban repeat no-shows "
                    "(also runs on a timer in the relay)")
     no_shows.add_argument("--now", default=None,
                           help="evaluate at this RFC 3339 time instead of now")
 
-    token = add("issue-token", "seed:cmd_issue_token",
+    token = add("issue-token", "devtools.seed:cmd_issue_token",
                 "print a bearer token for an existing account (for curl and operators)")
     token.add_argument("account_id")
     return parser

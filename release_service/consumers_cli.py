@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .logs import configure_logging
-from .metrics_server import start_metrics_server
-from .settings import load_settings
+from .core.logs import configure_logging
+from .core.metrics_server import start_metrics_server
+from .core.settings import load_settings
 
 
 def cmd_consume(args: argparse.Namespace) -> int:

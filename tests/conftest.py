@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from processes import Pipeline, ServiceProcess, free_port
 from support import Api
 
-from release_service.settings import PREFIX, Settings, load_settings
-from release_service.stack import Stack
+from release_service.core.settings import PREFIX, Settings, load_settings
+from release_service.devtools.stack import Stack
 
 
 def typed_settings(values: Mapping[str, str]) -> dict[str, object]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from release_service.settings import Settings, write_settings_file
+from release_service.core.settings import Settings, write_settings_file
 
 BIN = Path(sys.executable).parent / "release-service"
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
-from release_service.settings import Settings
-from release_service.tokens import PersonGrant, TokenCodec
+from release_service.core.settings import Settings
+from release_service.people.tokens import PersonGrant, TokenCodec
 
 _counter = itertools.count()
 CLINIC_ZONE = timezone(timedelta(hours=8))

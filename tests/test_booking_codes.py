@@ -10,8 +10,8 @@ from collections import Counter
 
 from support import release_definition, residents
 
-from release_service.booking_codes import SPACE, code_for, code_keys, seq_for
-from release_service.claim_script import ClaimRequest, ClaimScript
+from release_service.scripts.booking_codes import SPACE, code_for, code_keys, seq_for
+from release_service.scripts.claim import ClaimRequest, ClaimScript
 
 N = 20_000
 # Chi-square with 9 degrees of freedom: exceeded with probability 0.001 when uniform.

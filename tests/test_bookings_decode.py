@@ -10,7 +10,7 @@ from aiokafka import ConsumerRecord
 
 from consumers.bookings import AdmissionEvent, BookingEvent, decode
 from consumers.runner import InvalidMessage
-from release_service import topics
+from release_service.core import topics
 
 CLAIM = {"claim_id": "c1", "code": "12345678", "release_id": "r1", "slot_id": "s1",
          "person_id": "p1", "account_id": "a1", "claimed_at_ms": 1_790_000_000_000}

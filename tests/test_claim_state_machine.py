@@ -23,13 +23,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from redis.asyncio import Redis
 from support import release_definition
 
-from release_service import keys
-from release_service.cancel_script import CancelScript
-from release_service.claim_script import ClaimRequest, ClaimScript
-from release_service.person_script import Limits, PersonScript, Reservation
-from release_service.release_definition import parse_definition
-from release_service.releases import preheat
-from release_service.settings import Settings
+from release_service.core import keys
+from release_service.core.settings import Settings
+from release_service.releases.definition import parse_definition
+from release_service.releases.store import preheat
+from release_service.scripts.cancel import CancelScript
+from release_service.scripts.claim import ClaimRequest, ClaimScript
+from release_service.scripts.reserve import Limits, PersonScript, Reservation
 
 CAPACITY = {"s0": 2, "s1": 1, "s2": 3}
 PERSONS = [f"p{i}" for i in range(9)]

@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 from support import Api, release_definition, residents
 
-from release_service import keys
-from release_service.tokens import PersonGrant, TokenCodec
+from release_service.core import keys
+from release_service.people.tokens import PersonGrant, TokenCodec
 
 
 async def spike(api: Api, release_id: str, people: list, *, keyed: bool) -> list:

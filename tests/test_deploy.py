@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from release_service.settings import load_settings
+from release_service.core.settings import load_settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROLES = {"gateway": ["gateway"], "relay": ["relay"], "bookings": ["consume", "bookings"],

@@ -16,8 +16,8 @@ import pytest
 from processes import ServiceProcess, free_port
 from support import Api, Resident, at, release_definition, residents
 
-from release_service import keys
-from release_service.resident_id import generate_resident_id
+from release_service.core import keys
+from release_service.people.resident_id import generate_resident_id
 
 INJECTIONS = [
     "'; DROP TABLE bookings; --", "\" OR 1=1 --", "]] redis.call('FLUSHALL') --[[",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from release_service.metrics import LATENCY_BUCKETS, HttpMetrics
+from release_service.core.metrics import LATENCY_BUCKETS, HttpMetrics
 
 REQUESTS = [("claims", 201, 0.0004), ("claims", 201, 0.001), ("claims", 409, 0.0031),
             ("claims", 201, 0.25), ("release", 200, 3.0), ("claims", 503, 0.001)]

@@ -8,14 +8,14 @@ from datetime import date
 import jwt
 import pytest
 
-from release_service.errors import InvalidInput, Unauthorized
-from release_service.resident_id import (
+from release_service.core.errors import InvalidInput, Unauthorized
+from release_service.people.resident_id import (
     generate_resident_id,
     mask_phone,
     mask_resident_id,
     parse_resident_id,
 )
-from release_service.tokens import PersonGrant, TokenCodec, bearer_token
+from release_service.people.tokens import PersonGrant, TokenCodec, bearer_token
 
 
 def test_known_valid_number():

@@ -15,8 +15,8 @@ import pytest
 from support import CLINIC_ZONE, Api, Resident, release_definition, residents
 
 from consumers.bookings import BookingEvent, BookingsProcessor
-from release_service.attendance import add_months, no_show_pass
-from release_service.resident_id import generate_resident_id
+from release_service.bookings.attendance import add_months, no_show_pass
+from release_service.people.resident_id import generate_resident_id
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 

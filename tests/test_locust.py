@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from release_service.seed import seed_users
+from release_service.devtools.seed import seed_users
 
 LOCUST = Path(sys.executable).parent / "locust"
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"

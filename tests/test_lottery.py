@@ -13,13 +13,18 @@ from collections import Counter
 import orjson
 from support import Resident, release_definition, residents
 
-from release_service import keys
-from release_service.catalog import ReleaseCatalog
-from release_service.claim_script import ClaimRequest, ClaimScript
-from release_service.lottery import entry_claim_id
-from release_service.lottery_draw import DRAW_ALGORITHM, draw_order, seed_commitment, seed_from
-from release_service.person_script import PersonScript, Reservation
-from release_service.seed import seed_users
+from release_service.core import keys
+from release_service.devtools.seed import seed_users
+from release_service.modes.lottery import entry_claim_id
+from release_service.modes.lottery_draw import (
+    DRAW_ALGORITHM,
+    draw_order,
+    seed_commitment,
+    seed_from,
+)
+from release_service.releases.catalog import ReleaseCatalog
+from release_service.scripts.claim import ClaimRequest, ClaimScript
+from release_service.scripts.reserve import PersonScript, Reservation
 
 SETTLE_SECONDS = 60
 

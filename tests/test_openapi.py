@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from support import Resident, release_definition
 
-from release_service.errors import InvalidInput
+from release_service.core.errors import InvalidInput
+from release_service.core.settings import Settings
 from release_service.gateway.app import create_app
 from release_service.gateway.openapi import DEFINITION_EXAMPLE, DOCUMENT, EXAMPLES
-from release_service.release_definition import parse_definition
-from release_service.settings import Settings
-from release_service.tokens import PersonGrant, TokenCodec
+from release_service.people.tokens import PersonGrant, TokenCodec
+from release_service.releases.definition import parse_definition
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 

@@ -13,7 +13,7 @@ from playwright.async_api import async_playwright
 from processes import ServiceProcess, stop_all
 from support import Resident, release_definition
 
-from release_service.seed import seed_users
+from release_service.devtools.seed import seed_users
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

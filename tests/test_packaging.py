@@ -17,7 +17,7 @@ def test_wheel_ships_lua_and_migrations(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for script in (ROOT / "lua").glob("*.lua"):
         assert f"release_service/lua/{script.name}" in names
-    assert "release_service/migrations/0001_initial.sql" in names
+    assert "release_service/core/migrations/0001_initial.sql" in names
     assert "release_service/gateway/static/ops.html" in names
     assert {"consumers/bookings.py", "consumers/sms.py", "release_service/py.typed"} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from processes import Pipeline
 from support import Api, Resident, release_definition
 
-from release_service import keys, topics
-from release_service.seed import seed_users
+from release_service.core import keys, topics
+from release_service.devtools.seed import seed_users
 
 STOCK = 500
 CLAIMANTS = 2000

@@ -14,12 +14,12 @@ import pytest
 from redis.crc import key_slot
 from support import Api, release_definition, residents
 
-from release_service import keys
-from release_service.claim_script import ClaimRequest, ClaimScript
-from release_service.release_definition import parse_definition
-from release_service.releases import preheat
-from release_service.restore_script import RestoreScript
-from release_service.waiting_room import AdmissionTokens, WaitingRoom, shuffled
+from release_service.core import keys
+from release_service.modes.queue import AdmissionTokens, WaitingRoom, shuffled
+from release_service.releases.definition import parse_definition
+from release_service.releases.store import preheat
+from release_service.scripts.claim import ClaimRequest, ClaimScript
+from release_service.scripts.restore import RestoreScript
 
 QUEUED, BOTS, STOCK, FACTOR, SEED = 20_000, 2_000, 2_000, 1.2, 20261123
 LATE = 500  # humans who join after the opening, behind the shuffled pre-queue

@@ -14,8 +14,8 @@ import pytest
 from processes import ServiceProcess, free_port, stop_all
 from support import Api, Resident, release_definition, residents
 
-from release_service.rate_limits import client_address
-from release_service.settings import SettingsError, load_settings
+from release_service.core.settings import SettingsError, load_settings
+from release_service.people.rate_limits import client_address
 
 LIMITS = {
     "rate_claims_per_account_per_minute": 5, "rate_claims_per_address_per_minute": 8,

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from release_service.redis_client import redis_from_url
-from release_service.settings import Settings
+from release_service.core.settings import Settings
+from release_service.scripts.client import redis_from_url
 
 ARGUMENT = st.one_of(st.text(), st.binary(), st.integers(), st.floats(allow_nan=False),
                      st.text(alphabet="ab\x1f{}: ", min_size=1), st.binary().map(bytearray),

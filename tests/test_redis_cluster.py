@@ -19,7 +19,7 @@ from processes import ServiceProcess, free_port, stop_all
 from redis.crc import key_slot
 from support import Api, release_definition, residents
 
-from release_service.stack import redis_binary
+from release_service.devtools.stack import redis_binary
 
 MASTERS = 3
 

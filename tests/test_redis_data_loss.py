@@ -15,7 +15,7 @@ import asyncpg
 from support import release_definition, residents
 from test_pipeline import Pipeline
 
-from release_service import keys
+from release_service.core import keys
 
 CAPACITY = 20
 

@@ -14,10 +14,10 @@ import pytest
 from processes import ServiceProcess, stop_all
 from support import Resident, release_definition, residents
 
-from release_service import keys, topics
-from release_service.kafka import kafka_producer, unread
-from release_service.reconcile import Reconciler
-from release_service.seed import seed_users
+from release_service.core import keys, topics
+from release_service.core.kafka import kafka_producer, unread
+from release_service.devtools.seed import seed_users
+from release_service.pipeline.reconcile import Reconciler
 
 
 async def wait_for(predicate, timeout: float = 30.0):
@@ -133,7 +133,7 @@ async def test_reconcile_removes_reservations_of_claims_that_never_happened(
     await redis.hset(stale, "claim-never-made", f"{rid}|20991231|c|d|1000")
     cli = str(Path(sys.executable).parent / "release-service")
     settings_file = tmp_path / "reconcile.env"
-    from release_service.settings import write_settings_file
+    from release_service.core.settings import write_settings_file
 
     write_settings_file(settings_file, {f: getattr(stack_settings, f) for f in (
         "redis_url", "kafka_bootstrap", "database_url", "admin_token", "token_secret",

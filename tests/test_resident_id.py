@@ -7,8 +7,8 @@ from datetime import date, timedelta
 
 import pytest
 
-from release_service.errors import InvalidInput
-from release_service.resident_id import (
+from release_service.core.errors import InvalidInput
+from release_service.people.resident_id import (
     ResidentId,
     check_character,
     generate_resident_id,

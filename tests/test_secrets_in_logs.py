@@ -19,8 +19,8 @@ from processes import ServiceProcess, free_port
 from support import Api, Resident, release_definition
 from test_lifecycle import new_id, new_phone
 
-from consumers.sms_providers import verify_signature
-from release_service.settings import PREFIX, SettingsError, load_settings
+from release_service.core.settings import PREFIX, SettingsError, load_settings
+from release_service.sms.providers import verify_signature
 
 SECRETS = ("admin_token", "token_secret", "code_secret")
 

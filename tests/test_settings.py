@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from release_service.settings import (
+from release_service.core.settings import (
     Settings,
     SettingsError,
     load_settings,

@@ -42,7 +42,7 @@ async def test_gateway_exits_on_sigterm_right_after_a_spike(stack_settings, tmp_
 # the cancellation, as a redis-py command can) ended by the watchdog.
 STUBBORN = """
 import asyncio, sys
-from release_service.aio import run_until_signalled
+from release_service.core.aio import run_until_signalled
 
 async def serve(stopping):
     print("serving", flush=True)

@@ -25,7 +25,9 @@ from aiokafka import ConsumerRecord
 
 from consumers.runner import InvalidMessage
 from consumers.sms import SmsContext, SmsJob, SmsProcessor, _limiter, decode, render
-from consumers.sms_providers import (
+from release_service.core import topics
+from release_service.core.settings import Settings
+from release_service.sms.providers import (
     HttpProvider,
     ProviderError,
     SinkProvider,
@@ -33,8 +35,6 @@ from consumers.sms_providers import (
     sign,
     verify_signature,
 )
-from release_service import topics
-from release_service.settings import Settings
 
 KEY = "provider-key"
 SHANGHAI = ZoneInfo("Asia/Shanghai")

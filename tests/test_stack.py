@@ -23,12 +23,12 @@ import redis
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from release_service import stack as stack_module
-from release_service import topics
 from release_service.cli import CommandError
-from release_service.db import migrate, migrations
-from release_service.settings import Settings
-from release_service.stack import COMPONENTS, Stack
+from release_service.core import topics
+from release_service.core.db import migrate, migrations
+from release_service.core.settings import Settings
+from release_service.devtools import stack as stack_module
+from release_service.devtools.stack import COMPONENTS, Stack
 
 CLI = str(Path(sys.executable).parent / "release-service")
 

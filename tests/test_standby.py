@@ -13,15 +13,15 @@ import orjson
 import pytest
 from support import Api, Resident, release_definition, residents
 
-from release_service import keys
-from release_service.cancel_script import CancelScript
-from release_service.catalog import ReleaseCatalog
-from release_service.claim_script import ClaimScript
-from release_service.person_script import PersonScript
-from release_service.reconcile import persisted_events
-from release_service.relay import parse_entry
-from release_service.seed import seed_users
-from release_service.standby import Refusal, StandbyList
+from release_service.core import keys
+from release_service.devtools.seed import seed_users
+from release_service.modes.standby import Refusal, StandbyList
+from release_service.pipeline.reconcile import persisted_events
+from release_service.pipeline.relay import parse_entry
+from release_service.releases.catalog import ReleaseCatalog
+from release_service.scripts.cancel import CancelScript
+from release_service.scripts.claim import ClaimScript
+from release_service.scripts.reserve import PersonScript
 
 SETTLE_SECONDS = 60
 

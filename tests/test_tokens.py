@@ -10,9 +10,9 @@ import jwt
 import orjson
 import pytest
 
-from release_service import tokens
-from release_service.errors import Unauthorized
-from release_service.tokens import PersonGrant, TokenCodec, bearer_token
+from release_service.core.errors import Unauthorized
+from release_service.people import tokens
+from release_service.people.tokens import PersonGrant, TokenCodec, bearer_token
 
 SECRET = "test-token-secret-" + "s" * 64  # long enough for HS512 too (no warning)
 OTHER_SECRET = "another-token-secret-" + "o" * 64

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import accounts
-from ..accounts import Person
+from ..people import accounts
+from ..people.accounts import Person
 from .appkeys import DATABASE, OTP, REDIS, TOKENS
 from .auth import resident
 from .bodies import read_json_object

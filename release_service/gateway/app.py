@@ -9,39 +9,28 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from consumers.sms_providers import provider_from_settings
-
-from ..accounts import OneTimeCodes
-from ..booking_codes import code_keys
-from ..bookings import BookingStore
-from ..cancel_script import CancelScript
-from ..catalog import ReleaseCatalog
-from ..claim_script import ClaimScript
-from ..db import connect_pool
-from ..direct_sms import DirectSms
-from ..lottery import Lottery, draw_when_due
-from ..metrics import watch_event_loop
-from ..person_script import Limits, PersonScript
-from ..rate_limits import RateLimits
-from ..redis_client import redis_from_url
-from ..relay import run_relay
-from ..settings import Settings
-from ..standby import StandbyList, resume_handoffs
-from ..tick_batcher import TickBatcher
-from ..tokens import TokenCodec
-from ..waiting_room import AdmissionTokens, WaitingRoom
-from . import (
-    accounts,
-    bookings,
-    claims,
-    health,
-    lottery,
-    openapi,
-    ops,
-    queue,
-    releases,
-    standby,
-)
+from ..bookings.store import BookingStore
+from ..claims import flow as claims
+from ..core.db import connect_pool
+from ..core.metrics import watch_event_loop
+from ..core.settings import Settings
+from ..modes.lottery import Lottery, draw_when_due
+from ..modes.queue import AdmissionTokens, WaitingRoom
+from ..modes.standby import StandbyList, resume_handoffs
+from ..people.accounts import OneTimeCodes
+from ..people.rate_limits import RateLimits
+from ..people.tokens import TokenCodec
+from ..pipeline.relay import run_relay
+from ..releases.catalog import ReleaseCatalog
+from ..scripts.batcher import TickBatcher
+from ..scripts.booking_codes import code_keys
+from ..scripts.cancel import CancelScript
+from ..scripts.claim import ClaimScript
+from ..scripts.client import redis_from_url
+from ..scripts.reserve import Limits, PersonScript
+from ..sms.direct import DirectSms
+from ..sms.providers import provider_from_settings
+from . import accounts, bookings, health, lottery, openapi, ops, queue, releases, standby
 from .appkeys import (
     ADMISSION_TOKENS,
     BOOKINGS,

@@ -5,21 +5,21 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
-from ..accounts import OneTimeCodes
-from ..bookings import BookingStore
-from ..cancel_script import CancelScript
-from ..catalog import ReleaseCatalog
-from ..claim_script import ClaimOutcome, ClaimRequest
-from ..direct_sms import DirectSms
-from ..lottery import Lottery
-from ..person_script import PersonScript, Reservation, ReserveOutcome
-from ..rate_limits import RateLimits
-from ..redis_client import AnyRedis
-from ..settings import Settings
-from ..standby import StandbyList
-from ..tick_batcher import TickBatcher
-from ..tokens import TokenCodec
-from ..waiting_room import AdmissionTokens, WaitingRoom
+from ..bookings.store import BookingStore
+from ..core.settings import Settings
+from ..modes.lottery import Lottery
+from ..modes.queue import AdmissionTokens, WaitingRoom
+from ..modes.standby import StandbyList
+from ..people.accounts import OneTimeCodes
+from ..people.rate_limits import RateLimits
+from ..people.tokens import TokenCodec
+from ..releases.catalog import ReleaseCatalog
+from ..scripts.batcher import TickBatcher
+from ..scripts.cancel import CancelScript
+from ..scripts.claim import ClaimOutcome, ClaimRequest
+from ..scripts.client import AnyRedis
+from ..scripts.reserve import PersonScript, Reservation, ReserveOutcome
+from ..sms.direct import DirectSms
 from .probes import KafkaProbe
 
 SETTINGS = web.AppKey("settings", Settings)

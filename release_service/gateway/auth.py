@@ -6,8 +6,8 @@ import hmac
 
 from aiohttp import web
 
-from ..errors import Unauthorized
-from ..tokens import Principal, bearer_token
+from ..core.errors import Unauthorized
+from ..people.tokens import Principal, bearer_token
 from .appkeys import SETTINGS, TOKENS
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout
+from ..core.errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout
 from .appkeys import SETTINGS
 
 

@@ -11,10 +11,11 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .. import errors, keys
-from ..attendance import check_in
-from ..bookings import Booking, from_row
-from ..releases import iso
+from ..bookings.attendance import check_in
+from ..bookings.store import Booking, from_row
+from ..claims.flow import claim_body
+from ..core import errors, keys
+from ..releases.store import iso
 from .appkeys import (
     BOOKINGS,
     CANCELS,
@@ -28,7 +29,6 @@ from .appkeys import (
     STANDBY,
 )
 from .auth import require_admin, resident
-from .claims import claim_body
 from .limits import client_of, limit
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..rate_limits import client_address
+from ..people.rate_limits import client_address
 from .appkeys import RATE_LIMITS
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from .. import errors
-from ..catalog import ReleaseView
-from ..lottery import is_lottery
+from ..core import errors
+from ..modes.lottery import is_lottery
+from ..releases.catalog import ReleaseView
 from .acting_person import acting_person
 from .appkeys import CATALOG, LOTTERY
 from .auth import require_admin

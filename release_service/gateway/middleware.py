@@ -16,8 +16,8 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import PROBLEM_CONTENT_TYPE, NotFound, ServiceError, Unavailable
-from ..metrics import HTTP
+from ..core.errors import PROBLEM_CONTENT_TYPE, NotFound, ServiceError, Unavailable
+from ..core.metrics import HTTP
 
 log = logging.getLogger("release_service.gateway")
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..release_definition import ReleaseDefinition
+from ..releases.definition import ReleaseDefinition
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"

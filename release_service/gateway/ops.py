@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import keys
-from ..metrics import CLAIMS
+from ..core import keys
+from ..core.metrics import CLAIMS
 from .appkeys import CATALOG, DATABASE, REDIS
 from .auth import require_admin
 

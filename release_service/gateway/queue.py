@@ -13,11 +13,11 @@ import time
 import orjson
 from aiohttp import web
 
-from .. import errors
-from ..catalog import ReleaseView
-from ..metrics import QUEUE_ADMITTED, QUEUE_LENGTH, QUEUE_RETURNED
-from ..tokens import Principal
-from ..waiting_room import Standing
+from ..core import errors
+from ..core.metrics import QUEUE_ADMITTED, QUEUE_LENGTH, QUEUE_RETURNED
+from ..modes.queue import Standing
+from ..people.tokens import Principal
+from ..releases.catalog import ReleaseView
 from .appkeys import ADMISSION_TOKENS, CATALOG, WAITING_ROOM
 from .auth import resident
 from .bodies import read_json_object

@@ -7,10 +7,10 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from .. import keys
-from ..errors import NotFound
-from ..release_definition import parse_definition
-from ..releases import admin_view, create_release, set_state
+from ..core import keys
+from ..core.errors import NotFound
+from ..releases.definition import parse_definition
+from ..releases.store import admin_view, create_release, set_state
 from .appkeys import CATALOG, DATABASE, REDIS, SETTINGS
 from .auth import require_admin
 from .bodies import read_json_object

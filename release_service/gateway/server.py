@@ -20,8 +20,8 @@ from types import FrameType
 
 from aiohttp import web
 
-from ..logs import configure_logging
-from ..settings import Settings, load_settings
+from ..core.logs import configure_logging
+from ..core.settings import Settings, load_settings
 from .app import create_app
 
 log = logging.getLogger("release_service.gateway")

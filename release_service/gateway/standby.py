@@ -7,12 +7,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import errors
-from ..releases import iso
+from ..claims.flow import claim_body
+from ..core import errors
+from ..releases.store import iso
 from .acting_person import acting_person
 from .appkeys import CATALOG, SETTINGS, STANDBY
 from .auth import resident
-from .claims import claim_body
 from .limits import limit
 
 JSON = "application/json"

@@ -1,0 +1,1 @@
+"""Bookings as residents see them, check-in and no-shows."""

@@ -1,0 +1,265 @@
+"""POST /v1/releases/{release_id}/claims: the hot path.
+
+Order of work is cheapest-first: token (cached HMAC), local release view (no Redis),
+body, then one shared script call per event-loop tick. No PostgreSQL, no extra Redis
+round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..core import errors
+from ..core.metrics import claim_result
+from ..gateway.appkeys import (
+    CATALOG,
+    CLAIMS,
+    DATABASE,
+    RATE_LIMITS,
+    REDIS,
+    RELEASES,
+    RESERVATIONS,
+    SETTINGS,
+)
+from ..gateway.auth import resident
+from ..gateway.bodies import read_json_object
+from ..gateway.limits import client_of
+from ..gateway.middleware import problem_response
+from ..gateway.queue import admission_of
+from ..modes.lottery import is_lottery
+from ..people.tokens import Principal
+from ..releases.catalog import ReleaseView
+from ..releases.store import add_code_block, iso
+from ..scripts.claim import ClaimLimit, ClaimOutcome, ClaimRequest
+from ..scripts.reserve import Reservation, ReserveOutcome
+
+MAX_IDEMPOTENCY_KEY = 128
+# How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
+TWIN_WAIT_STEPS = 20
+TWIN_WAIT_SECONDS = 0.01
+MAX_ID = 64
+NO_REPLAY = ClaimOutcome("no_replay")  # until a replay-only call says otherwise
+# How often a claim for any slot follows the stock to another visit day (each move
+# re-reserves the person's limits for that day).
+DAY_MOVES = 3
+
+
+def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
+    """The API's claim object from the script's claim record."""
+    return {
+        "claim_id": claim["claim_id"],
+        "code": claim["code"],
+        "release_id": claim["release_id"],
+        "slot_id": claim["slot_id"],
+        "person_id": claim["person_id"],
+        "status": claim["status"],
+        "claimed_at": iso(claim["claimed_at_ms"], zone),
+    }
+
+
+def text_field(data: dict[str, Any], name: str, required: bool) -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise errors.InvalidInput(f"{name} is required", field=name)
+        return ""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID or not value.isprintable():
+        raise errors.InvalidInput(f"{name} must be a non-empty string of at most {MAX_ID} "
+                                  "printable characters", field=name)
+    return value
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise errors.InvalidInput(
+            f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} printable characters")
+    return key
+
+
+def _refusal(outcome: ClaimOutcome, release_id: str) -> errors.ServiceError:
+    status, detail = outcome.status, outcome.detail
+    if status == "sold_out":
+        if detail:
+            return errors.SoldOut("this wave is sold out; more stock opens with the next wave",
+                                  next_wave_at_ms=int(detail))
+        return errors.SoldOut(f"release {release_id} is sold out")
+    if status == "already_claimed":
+        return errors.AlreadyClaimed("this person already holds a claim in this release")
+    if status == "not_open":
+        return errors.NotOpen("the release is not open yet", opens_at_ms=int(detail))
+    if status == "paused":
+        return errors.Paused("the release is paused", retry_after=5)
+    if status == "closed":
+        return errors.Closed("the release is closed")
+    if status == "not_eligible":
+        return errors.NotEligible(f"not eligible for this vaccine ({detail})", reason=detail)
+    if status == "admission":
+        return errors.Forbidden(f"the admission token is {detail}", reason=detail)
+    if status == "unknown_slot":
+        return errors.NotFound("no such slot in this release", field="slot_id")
+    if status == "not_found":
+        return errors.NotFound(f"no release {release_id}")
+    return errors.Unavailable(f"claim refused ({status}); try again", retry_after=1)
+
+
+def _reservation_refusal(reserved: ReserveOutcome, zone: Any) -> errors.ServiceError:
+    if reserved.status == "banned":
+        until = datetime.fromtimestamp(int(reserved.detail) / 1000, tz=zone)
+        return errors.Banned(f"booking is suspended until {until:%Y-%m-%d}",
+                             banned_until=until.isoformat())
+    if reserved.status == "removed":
+        return errors.NotYourPerson("this person was removed from the account")
+    if reserved.status == "already_claimed":
+        return errors.AlreadyClaimed("this person already holds a claim in this release")
+    return errors.LimitReached(f"the {reserved.detail.replace('_', ' ')} booking limit is "
+                               "reached", limit=reserved.detail)
+
+
+async def post_claim(request: web.Request) -> web.Response:
+    app = request.app
+    release_id = request.match_info["release_id"]
+    idempotency_key = _idempotency_key(request)
+
+    view = app[CATALOG].get(release_id)
+    if view is None:
+        claim_result("not_found").inc()
+        raise errors.NotFound(f"no release {release_id}")
+    if is_lottery(view):
+        claim_result("lottery_release").inc()
+        raise errors.LotteryRelease(
+            f"release {release_id} is drawn by lottery: enter at "
+            f"/v1/releases/{release_id}/lottery/entries")
+    # A keyed request may be the retry of a claim that already won: only the script can
+    # tell, so it is never refused locally.
+    if not idempotency_key:
+        answer = view.refusal_answer(app[CATALOG].now_ms())
+        if answer is not None:
+            refusal, body, retry_after = answer
+            claim_result(refusal.code).inc()
+            return problem_response(refusal.status, body, request["request_id"], retry_after)
+    # Verified after the local refusals: they tell nothing the public release page does
+    # not, and a sold-out spike then costs no HMAC per request.
+    principal: Principal = resident(request)
+    # Counted by the claim script (no round trip of their own); answered here once spent.
+    limits = app[RATE_LIMITS].claim_limits(release_id, principal.account_id,
+                                           client_of(request))
+    spent = app[RATE_LIMITS].spent(limits)
+    if spent is not None:
+        claim_result(spent.code).inc()
+        raise spent
+
+    data = await read_json_object(request)
+    person_id = text_field(data, "person_id", required=True)
+    slot_id = text_field(data, "slot_id", required=False)
+    grant = principal.persons.get(person_id)
+    if grant is None:
+        claim_result("not_your_person").inc()
+        raise errors.NotYourPerson("this account may not book for that person")
+
+    # Queue mode: the admission from the waiting room, signed for this release and person;
+    # the claim script checks it is unused and unexpired and spends it with the claim.
+    admission = (admission_of(request, view, person_id, data)
+                 if view.document.get("mode") == "queue" else "")
+    return await _claim(request, view, principal, person_id, slot_id, idempotency_key,
+                        limits, admission)
+
+
+async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
+                             reservation: Reservation) -> ClaimOutcome:
+    """Reserve the person's booking (limits and bans), then claim; the reservation is
+    removed again unless the claim won. A refused reservation is raised as its 4xx."""
+    release_id, claim_id = reservation.release_id, request.claim_id
+    reserved = await app[RESERVATIONS].submit("", reservation)
+    outcome = NO_REPLAY
+    for _ in range(TWIN_WAIT_STEPS if request.idempotency_key else 0):
+        if reserved.status == "ok":
+            break
+        # Refused, perhaps because a twin with this key holds the reservation: its claim
+        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
+        outcome = await app[CLAIMS].submit(release_id, replace(request, replay_only=True))
+        if outcome.status == "replay" or reserved.status != "already_claimed":
+            break
+        await asyncio.sleep(TWIN_WAIT_SECONDS)
+        reserved = await app[RESERVATIONS].submit("", reservation)
+    if reserved.status != "ok" and outcome.status != "replay":
+        error = _reservation_refusal(reserved, app[SETTINGS].zone)
+        claim_result(error.code).inc()
+        raise error
+    if reserved.status == "ok":
+        won = False
+        try:
+            outcome = await app[CLAIMS].submit(release_id, request)
+            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+        finally:
+            if not won:  # refused, or failed: the reservation must not count
+                await app[RELEASES].submit("", (reservation.person_id, claim_id))
+    return outcome
+
+
+async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
+                 person_id: str, slot_id: str, idempotency_key: str,
+                 limits: tuple[ClaimLimit, ...], admission: str) -> web.Response:
+    app, release_id = request.app, view.release_id
+    grant = principal.persons[person_id]
+    day = view.visit_day(slot_id)
+    if day is None:
+        claim_result("not_found").inc()
+        raise errors.NotFound("no such slot in this release", field="slot_id")
+    claim_id = os.urandom(12).hex()
+    request_base = ClaimRequest(
+        claim_id=claim_id, account_id=principal.account_id, person_id=person_id,
+        slot_id=slot_id, idempotency_key=idempotency_key, birth=grant.birth, sex=grant.sex,
+        day="" if slot_id else day, request_id=request["request_id"], limits=limits,
+        admission=admission,
+    )
+    # Limits and bans span releases: reserve on the person's own slot first.
+    doc = view.document
+    reservation = Reservation(claim_id, person_id, release_id, day, doc["clinic_id"],
+                              doc["department"], view.limits)
+    outcome = await _reserve_and_claim(app, request_base, reservation)
+    for _ in range(DAY_MOVES):
+        if outcome.status != "day_full":
+            break
+        # Our view of the stock lagged: the day we reserved sold out, another has stock.
+        request_base = replace(request_base, day=outcome.detail)
+        reservation = replace(reservation, day=outcome.detail)
+        outcome = await _reserve_and_claim(app, request_base, reservation)
+    claim = outcome.claim
+    # A retried script call (lost reply) finds our own claim: that is a win, not a replay.
+    own = claim is not None and claim["claim_id"] == claim_id
+    status = "ok" if own else outcome.status
+
+    if status in ("ok", "replay"):
+        assert claim is not None
+        if status == "replay" and claim["person_id"] != person_id:
+            claim_result("idempotency_key_reused").inc()
+            raise errors.IdempotencyKeyReused(
+                "this Idempotency-Key was used for a claim for another person")
+        claim_result("created" if status == "ok" else "replayed").inc()
+        headers = {"Location": f"/v1/bookings/{claim['code']}"}
+        if status == "replay":
+            headers["Idempotent-Replayed"] = "true"
+        body = orjson.dumps(claim_body(claim, app[SETTINGS].zone))
+        return web.Response(status=201, body=body, content_type="application/json",
+                            headers=headers)
+
+    if status == "sold_out" and not outcome.detail and not slot_id:
+        app[CATALOG].mark_sold_out(release_id)
+    if status == "codes_exhausted":
+        await add_code_block(app[DATABASE], app[REDIS], release_id)
+    if status == "rate_limited":
+        refusal = app[RATE_LIMITS].claim_refused(limits, outcome.detail)
+    else:
+        refusal = _refusal(outcome, release_id)
+    claim_result(refusal.code).inc()
+    raise refusal
+
+

@@ -1,0 +1,1 @@
+"""Development tooling: the local stack, seeding, and the one-command system."""

@@ -1,0 +1,1 @@
+"""Accounts, persons, bearer tokens, resident ID numbers and rate limits."""

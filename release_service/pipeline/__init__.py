@@ -1,0 +1,1 @@
+"""From Redis to Kafka and back: the outbox relay and reconcile."""

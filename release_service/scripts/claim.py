@@ -1,0 +1,120 @@
+"""The typed wrapper of `lua/claim.lua`: arguments in, `ClaimOutcome`s out.
+
+Nothing else in the code knows the script's ARGV layout or the shape of its reply.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..core import keys
+from .booking_codes import code_keys
+from .client import AnyRedis, reply_text
+from .source import lua_source
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimLimit:
+    """A rate counter the claim spends, on the release's slot (keys.claim_rate_key)."""
+    key: str
+    limit: int
+    window_ms: int
+    name: str  # for the 429: e.g. "claims per account"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    claim_id: str
+    account_id: str
+    person_id: str
+    slot_id: str  # "" = any slot with stock
+    idempotency_key: str  # "" = none
+    birth: int  # YYYYMMDD
+    sex: str
+    day: str = ""  # YYYYMMDD: with slot_id "", any slot on that visit day only
+    replay_only: bool = False  # only answer an idempotent replay; never take stock
+    request_id: str = ""  # carried into the claim and its event, for tracing
+    limits: tuple[ClaimLimit, ...] = ()
+    # Set: book a slot held for the standby list; the person may decline for this long.
+    standby_decline_ms: int | None = None
+    drawn: bool = False  # a lottery winner: booked after the entry window closed
+    admission: str = ""  # queue mode: the jti of the person's admission (spent if it wins)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    status: str  # ok, replay, already_claimed, not_open, paused, closed, sold_out, day_full,
+    #              admission (queue mode: detail says why), ...
+    claim: dict[str, Any] | None = None
+    detail: str = ""
+
+
+# Joins a claim's fields into one script argument; never in a validated field (printable).
+SEPARATOR = "\x1f"
+
+_WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
+
+
+@functools.lru_cache(maxsize=4096)
+def release_keys(release_id: str) -> tuple[str, ...]:
+    """The script's fixed KEYS, built once per release (every claim batch needs them)."""
+    queue = keys.queue_keys(release_id)
+    return (
+        keys.meta_key(release_id), keys.capacity_key(release_id), keys.taken_key(release_id),
+        keys.slot_day_key(release_id), keys.holders_key(release_id),
+        keys.claims_key(release_id), keys.codes_key(release_id),
+        keys.idempotency_key(release_id), keys.outbox_key(release_id),
+        *(queue[name] for name in ("who", "live", "jtis")),
+    )
+
+
+class ClaimScript:
+    """Loaded once per client; redis-py calls it by SHA and reloads it after NOSCRIPT."""
+
+    def __init__(self, redis: AnyRedis, code_secret: str) -> None:
+        self._script = redis.register_script(lua_source("claim.lua"))
+        self._code_keys = code_keys(code_secret)
+
+    async def __call__(
+        self, release_id: str, requests: Sequence[ClaimRequest]
+    ) -> list[ClaimOutcome]:
+        argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
+        script_keys = list(release_keys(release_id))
+        key_index: dict[str, int] = {}  # a counter shared by claims of the batch: one key
+        for r in requests:
+            spec = []
+            for lim in r.limits:
+                index = key_index.get(lim.key)
+                if index is None:
+                    script_keys.append(lim.key)
+                    index = key_index[lim.key] = len(script_keys)
+                spec.append(f"{index},{lim.limit},{lim.window_ms}")
+            argv.append(SEPARATOR.join((
+                r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
+                str(r.birth), r.sex, r.day, _mode(r), r.request_id, " ".join(spec),
+                "" if r.standby_decline_ms is None else str(r.standby_decline_ms),
+                r.admission)))
+        reply = await self._script(keys=script_keys, args=argv)
+        outcomes = []
+        for i in range(0, len(reply), 2):
+            status = reply_text(reply[i])
+            payload = reply[i + 1]
+            if status in _WITH_CLAIM:
+                outcomes.append(ClaimOutcome(status, orjson.loads(payload)))
+            else:
+                outcomes.append(ClaimOutcome(status, None, reply_text(payload)))
+        return outcomes
+
+
+def _mode(request: ClaimRequest) -> str:
+    if request.replay_only:
+        return "replay"
+    if request.drawn:
+        return "draw"
+    return "claim" if request.standby_decline_ms is None else "standby"
+

@@ -1,0 +1,99 @@
+"""The typed wrapper of `lua/person_reserve.lua`, and releasing a reservation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
+
+from ..core import keys
+from .claim import SEPARATOR
+from .client import AnyRedis
+from .source import lua_source
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-person booking limits (-1: none). Defaults are the hospital platform's."""
+
+    same_day_clinic: int = 1
+    per_day: int = 2
+    per_7_days: int = 3
+    per_3_months: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    claim_id: str
+    person_id: str
+    release_id: str
+    day: str  # YYYYMMDD
+    clinic_id: str
+    department: str
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    status: str  # ok, banned, already_claimed, limit_reached
+    detail: str = ""
+
+
+class PersonScript:
+    def __init__(self, redis: AnyRedis) -> None:
+        self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
+        self._reserve = redis.register_script(lua_source("person_reserve.lua"))
+
+    async def reserve(self, _key: str, batch: Sequence[Reservation]) -> list[ReserveOutcome]:
+        """One script call per Cluster slot of the batch: a single call on one Redis."""
+        if not self._cluster:  # awaited as it is: no task, no extra turn of the loop
+            script_keys, args = self._arguments(batch)
+            return self._outcomes(await self._reserve(keys=script_keys, args=args))
+        groups: dict[int, list[int]] = {}
+        for index, r in enumerate(batch):
+            groups.setdefault(key_slot(keys.person_active_key(r.person_id).encode()),
+                              []).append(index)
+        calls = [self._arguments([batch[i] for i in members]) for members in groups.values()]
+        # Concurrent calls: a Cluster pipeline may not carry scripts.
+        replies = await asyncio.gather(*(self._reserve(keys=k, args=a) for k, a in calls))
+        outcomes: list[ReserveOutcome] = [ReserveOutcome("")] * len(batch)
+        for members, reply in zip(groups.values(), replies, strict=True):
+            for index, outcome in zip(members, self._outcomes(reply), strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    @staticmethod
+    def _outcomes(reply: list[bytes]) -> list[ReserveOutcome]:
+        return [ReserveOutcome(reply[i].decode(), reply[i + 1].decode())
+                for i in range(0, len(reply), 2)]
+
+    @staticmethod
+    def _arguments(batch: Sequence[Reservation]) -> tuple[list[str], list[str]]:
+        script_keys: list[str] = []
+        args: list[str] = []
+        for r in batch:
+            lim = r.limits
+            script_keys += (keys.person_active_key(r.person_id), keys.person_ban_key(r.person_id))
+            args.append(SEPARATOR.join((
+                r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
+                str(lim.same_day_clinic), str(lim.per_day), str(lim.per_7_days),
+                str(lim.per_3_months))))
+        return script_keys, args
+
+    async def release(self, entries: Sequence[tuple[str, str]]) -> list[None]:
+        """Remove (person_id, claim_id) reservations: the claim did not happen, or the
+        booking ended (cancelled, attended, no-show). One pipeline for all."""
+        if not entries:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for person_id, claim_id in entries:
+            pipe.hdel(keys.person_active_key(person_id), claim_id)
+        await pipe.execute()
+        return [None] * len(entries)
+
+    async def release_batch(self, _key: str, entries: Sequence[tuple[str, str]]) -> list[None]:
+        return await self.release(entries)

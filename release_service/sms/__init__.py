@@ -1,0 +1,1 @@
+"""SMS: providers, message texts, and the messages the gateway sends itself."""
