@@ -29,7 +29,7 @@ from release_service.releases.definition import parse_definition
 from release_service.releases.store import create_release
 from release_service.scripts.claim import ClaimScript
 from release_service.scripts.client import redis_from_url
-from release_service.scripts.reserve import PersonScript
+from release_service.scripts.reserve import ReserveScript
 from release_service.scripts.source import lua_source
 
 ENTER_BATCH = 10_000
@@ -71,7 +71,7 @@ async def main(entries: int, slots: int, window: float) -> None:
     assert view is not None
     while catalog.now_ms() < view.closes_ms:
         await asyncio.sleep(0.1)
-    lottery = Lottery(redis, ClaimScript(redis, settings.code_secret), PersonScript(redis),
+    lottery = Lottery(redis, ClaimScript(redis, settings.code_secret), ReserveScript(redis),
                       catalog, settings.code_secret)
     started = time.perf_counter()
     result = await lottery.draw(rid)

@@ -39,10 +39,11 @@ from tqdm import tqdm
 
 from release_service.core import keys
 from release_service.devtools.stack import redis_binary
+from release_service.people.limits import BookingLimits
 from release_service.releases.definition import parse_definition
 from release_service.releases.store import preheat
 from release_service.scripts.claim import ClaimLimit, ClaimRequest, ClaimScript
-from release_service.scripts.reserve import Limits, PersonScript, Reservation
+from release_service.scripts.reserve import Reservation, ReserveScript
 
 CLINIC_ZONE = timezone(timedelta(hours=8))
 SCENARIOS = ("reference", "claim", "claim+reserve")
@@ -58,7 +59,7 @@ class Scenarios:
         self.redis, self.claims, self.batch = redis, claims, batch
         self.reference = redis.register_script(CLAIM_SCRIPT)
         self.claim = ClaimScript(redis, "redis-cost-" + "x" * 32)
-        self.persons = PersonScript(redis)
+        self.persons = ReserveScript(redis)
         self.made = 0  # persons and accounts are new in every call
 
     async def measure(self, name: str) -> tuple[float, float]:
@@ -90,7 +91,7 @@ class Scenarios:
             requests = [self._request(release_id, day) for _ in range(self.batch)]
             if name == "claim+reserve":
                 reserved = await self.persons.reserve("", [Reservation(
-                    r.claim_id, r.person_id, release_id, day, "c", "v", Limits())
+                    r.claim_id, r.person_id, release_id, day, "c", "v", BookingLimits())
                     for r in requests])
                 assert all(r.status == "ok" for r in reserved)
             outcomes = await self.claim(release_id, requests)

@@ -1,8 +1,9 @@
 --[[ claim.lua: claim slots of one release for a batch of persons, atomically.
 
 KEYS (all under the release's hash tag {R}, so one Redis Cluster slot):
-  1 meta      hash  opens_ms closes_ms state waves min_age max_age sex slots left
-                    code_next code_end
+  1 meta      hash  opens_ms closes_ms state waves min_age max_age sex slots left mode
+                    code_next code_end, held:<slot_id> (units cancel.lua held for the
+                    standby list, taken by a claim in mode "standby")
   2 cap       hash  slot_id -> capacity
   3 taken     hash  slot_id -> active claims
   4 slotday   hash  slot_id -> visit day YYYYMMDD
@@ -19,8 +20,8 @@ ARGV:
   1 release_id
   2..5 code permutation keys (integers below 10^6, from the server's code secret)
   6 n, the number of claims in this batch
-  then one value per claim, 12 fields joined by "\31" (one argument is cheaper to send
-  than twelve): claim_id account_id person_id slot_id ("" = any slot)
+  then one value per claim, 13 fields joined by "\31" (one argument is cheaper to send
+  than thirteen): claim_id account_id person_id slot_id ("" = any slot)
               idempotency_key ("" = none) birth (YYYYMMDD) sex (F|M)
               day (YYYYMMDD: any slot on that visit day only; "" = any day)
               mode ("claim"; "replay": only answer an idempotent replay; "standby": take

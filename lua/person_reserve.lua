@@ -3,7 +3,7 @@ atomically, on the person's own Cluster slot (hash tag {person_id}).
 
 Limits span releases, whose keys live on other slots, so a claim is reserve-then-claim:
 this script runs first and records the booking-to-be; the gateway removes the reservation
-(person_release.lua) when the release's claim script refuses. Two concurrent claims of one
+(an HDEL of the claim id: ReserveScript.unreserve) when the release's claim script refuses. Two concurrent claims of one
 person in two releases are serialised here, so a limit of 1 is never passed twice.
 Fail closed: a reservation left by a crashed gateway still counts until reconcile removes it.
 
@@ -26,6 +26,7 @@ local names = {'same_day_clinic', 'per_day', 'per_7_days', 'per_3_months'}
 
 local function reserve(active, ban, a)
   local claim_id, release_id, day, clinic, dept = a[1], a[2], a[3], a[4], a[5]
+  local limits = {a[6], a[7], a[8], a[9]}  -- in the order of `names`
   local ban_value = redis.call('GET', ban)
   -- Tokens issued before a person was removed still name them: refuse here, no I/O there.
   if ban_value == 'removed' then return 'removed', '' end
@@ -50,7 +51,7 @@ local function reserve(active, ban, a)
     end
   end
   for k = 1, 4 do
-    local limit = tonumber(a[5 + k])
+    local limit = tonumber(limits[k])
     if limit >= 0 and counts[k] > limit then return 'limit_reached', names[k] end
   end
   redis.call('HSET', active, claim_id,

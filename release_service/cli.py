@@ -1,7 +1,7 @@
 """The `release-service` command: parses arguments, loads settings, runs one command.
 
 Each command lives in the module that owns it (`devtools.stack`, `gateway.server`,
-`pipeline.relay`...);
+`pipeline.worker`...);
 this module only wires the argument parser to them and turns expected failures
 (bad settings, a missing binary, a service that is down) into one clear line and exit 2.
 """
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--family", type=int, default=0,
                       help="extra family members per account (0-4)")
 
-    add("relay", "pipeline.relay:cmd_relay",
+    add("relay", "pipeline.worker:cmd_relay",
         "publish the outbox streams of active releases to Kafka (and reconcile on a timer)")
     reconcile = add("reconcile", "pipeline.reconcile:cmd_reconcile",
                     "compare Redis claims and outbox, Kafka and PostgreSQL bookings and SMS; "

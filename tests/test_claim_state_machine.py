@@ -25,11 +25,12 @@ from support import release_definition
 
 from release_service.core import keys
 from release_service.core.settings import Settings
+from release_service.people.limits import BookingLimits
 from release_service.releases.definition import parse_definition
 from release_service.releases.store import preheat
 from release_service.scripts.cancel import CancelScript
 from release_service.scripts.claim import ClaimRequest, ClaimScript
-from release_service.scripts.reserve import Limits, PersonScript, Reservation
+from release_service.scripts.reserve import Reservation, ReserveScript
 
 CAPACITY = {"s0": 2, "s1": 1, "s2": 3}
 PERSONS = [f"p{i}" for i in range(9)]
@@ -138,7 +139,7 @@ class ClaimCancel(OnRedis):
             next(a for a in sorted(set(ACCOUNT.values())) if a != held.account_id)
         outcome = self.run(self.cancels(self.release_id, held.claim_id, caller))
         if not by_owner:
-            assert outcome.status == "not_found", outcome  # another account's claim
+            assert outcome.status == "booking_not_found", outcome  # another account's claim
             return
         assert outcome.status == "ok", outcome
         del self.held[person]
@@ -168,9 +169,10 @@ class ClaimCancel(OnRedis):
 # and a day (same_day_clinic), R2 is another clinic that day with one booking a day
 # (per_day), R3 has a tight three-month limit and no weekly one, R4 a third day and
 # clinic (per_7_days).
-RELEASES = [("c1", 0, [2, 1], Limits()), ("c1", 0, [2], Limits()),
-            ("c2", 0, [3], Limits(1, 1, 3, 5)), ("c2", 1, [2, 1], Limits(1, 2, -1, 2)),
-            ("c3", 2, [3], Limits())]
+RELEASES = [("c1", 0, [2, 1], BookingLimits()), ("c1", 0, [2], BookingLimits()),
+            ("c2", 0, [3], BookingLimits(1, 1, 3, 5)),
+            ("c2", 1, [2, 1], BookingLimits(1, 2, -1, 2)),
+            ("c3", 2, [3], BookingLimits())]
 DEPARTMENT = "vaccination"
 LIMIT_NAMES = ("same_day_clinic", "per_day", "per_7_days", "per_3_months")
 # The platform's limits, the loosest any release has: what a person can ever hold.
@@ -212,7 +214,7 @@ class LimitsAcrossReleases(OnRedis):
         super().__init__()
         self.claims = ClaimScript(self.redis, self.stack.code_secret)
         self.cancels = CancelScript(self.redis)
-        self.persons_script = PersonScript(self.redis)
+        self.persons_script = ReserveScript(self.redis)
         # Persons are keyed across releases: new ones for every example.
         tag = secrets.token_hex(3)
         self.persons = [f"lim-{tag}-p{i}" for i in range(4)]
@@ -262,7 +264,7 @@ class LimitsAcrossReleases(OnRedis):
             self.active[person_id].append(Booking(claim_id, release, outcome.claim["slot_id"]))
         else:
             assert outcome.status == "sold_out", outcome
-            self.run(self.persons_script.release([(person_id, claim_id)]))
+            self.run(self.persons_script.unreserve([(person_id, claim_id)]))
 
     @precondition(lambda self: any(self.active.values()))
     @rule(data=st.data())
@@ -272,7 +274,7 @@ class LimitsAcrossReleases(OnRedis):
         outcome = self.run(self.cancels(self.release_ids[booking.release], booking.claim_id,
                                         f"acct-{person_id}"))
         assert outcome.status == "ok", outcome
-        self.run(self.persons_script.release([(person_id, booking.claim_id)]))
+        self.run(self.persons_script.unreserve([(person_id, booking.claim_id)]))
         self.active[person_id].remove(booking)
 
     @invariant()

@@ -24,7 +24,7 @@ from release_service.modes.lottery_draw import (
 )
 from release_service.releases.catalog import ReleaseCatalog
 from release_service.scripts.claim import ClaimRequest, ClaimScript
-from release_service.scripts.reserve import PersonScript, Reservation
+from release_service.scripts.reserve import Reservation, ReserveScript
 
 SETTLE_SECONDS = 60
 
@@ -168,7 +168,7 @@ async def test_a_draw_run_again_after_a_crash_keeps_the_committed_seed(api, redi
     await catalog.refresh()
     view = catalog.get(rid)
     assert view is not None
-    [reserved] = await PersonScript(redis).reserve("", [Reservation(
+    [reserved] = await ReserveScript(redis).reserve("", [Reservation(
         claim_id, winner.person_id, rid, view.visit_day("s0") or "", "cd-wuhou-01",
         "vaccination", view.limits)])
     [claimed] = await ClaimScript(redis, stack_settings.code_secret)(rid, [ClaimRequest(

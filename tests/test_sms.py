@@ -24,9 +24,10 @@ from aiohttp import web
 from aiokafka import ConsumerRecord
 
 from consumers.runner import InvalidMessage
-from consumers.sms import SmsContext, SmsJob, SmsProcessor, _limiter, decode, render
+from consumers.sms import SmsProcessor, _limiter, decode
 from release_service.core import topics
 from release_service.core.settings import Settings
+from release_service.sms.messages import SmsContext, SmsJob, render
 from release_service.sms.providers import (
     HttpProvider,
     ProviderError,

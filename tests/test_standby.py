@@ -16,12 +16,12 @@ from support import Api, Resident, release_definition, residents
 from release_service.core import keys
 from release_service.devtools.seed import seed_users
 from release_service.modes.standby import Refusal, StandbyList
+from release_service.pipeline.outbox import parse_entry
 from release_service.pipeline.reconcile import persisted_events
-from release_service.pipeline.relay import parse_entry
 from release_service.releases.catalog import ReleaseCatalog
 from release_service.scripts.cancel import CancelScript
 from release_service.scripts.claim import ClaimScript
-from release_service.scripts.reserve import PersonScript
+from release_service.scripts.reserve import ReserveScript
 
 SETTLE_SECONDS = 60
 
@@ -67,7 +67,7 @@ async def standby_list(redis, settings) -> StandbyList:
     """A gateway's standby list, to drive a handoff step by step."""
     catalog = ReleaseCatalog(redis, 1.0)
     await catalog.refresh()
-    return StandbyList(redis, ClaimScript(redis, settings.code_secret), PersonScript(redis),
+    return StandbyList(redis, ClaimScript(redis, settings.code_secret), ReserveScript(redis),
                        catalog, 1800)
 
 

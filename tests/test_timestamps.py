@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from release_service.releases.store import iso
+from release_service.core.timefmt import iso
 
 ZONES = [UTC, ZoneInfo("Asia/Shanghai"), ZoneInfo("Europe/Berlin"),
          ZoneInfo("America/St_Johns"), ZoneInfo("Asia/Kolkata")]

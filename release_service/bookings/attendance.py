@@ -18,7 +18,7 @@ import asyncpg
 from ..core import errors, keys
 from ..core.aio import wait_event
 from ..scripts.client import AnyRedis
-from ..scripts.reserve import PersonScript
+from ..scripts.reserve import ReserveScript
 from ..scripts.source import lua_source
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ async def _set_claim_status(redis: AnyRedis, rows: list[Any], before: str, after
         await script(keys=[keys.claims_key(row["release_id"])],
                      args=[row["claim_id"], before, after], client=pipe)  # type: ignore[arg-type]
     await pipe.execute()
-    await PersonScript(redis).release([(r["person_id"], r["claim_id"]) for r in rows])
+    await ReserveScript(redis).unreserve([(r["person_id"], r["claim_id"]) for r in rows])
 
 
 async def check_in(pool: asyncpg.Pool, redis: AnyRedis, code: str) -> Any:

@@ -1,8 +1,14 @@
-"""POST /v1/releases/{release_id}/claims: the hot path.
+"""POST /v1/releases/{release_id}/claims: the hot path, top to bottom.
 
-Order of work is cheapest-first: token (cached HMAC), local release view (no Redis),
-body, then one shared script call per event-loop tick. No PostgreSQL, no extra Redis
-round trip.
+1. `post_claim`: the local checks, cheapest first: the release view (no Redis; refusals
+   pre-encoded), then the token (cached HMAC), the rate limits this process knows are
+   spent, the body, the person, the queue admission.
+2. `_claim`: reserve the person's booking (limits and bans, on the person's own slot),
+   then claim (the release's slot); both batched per event-loop tick, one script call each.
+3. The day moves: a claim for any slot whose visit day sold out meanwhile follows the stock.
+4. `_answer`: the 201, or the refusal's problem document (`answers.refusal`).
+
+No PostgreSQL, and no Redis round trip beyond the two script calls.
 """
 
 from __future__ import annotations
@@ -10,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
-from datetime import datetime
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -24,56 +28,32 @@ from ..gateway.appkeys import (
     DATABASE,
     RATE_LIMITS,
     REDIS,
-    RELEASES,
     RESERVATIONS,
     SETTINGS,
+    UNRESERVE,
 )
 from ..gateway.auth import resident
-from ..gateway.bodies import read_json_object
+from ..gateway.bodies import read_json_object, text_field
 from ..gateway.limits import client_of
 from ..gateway.middleware import problem_response
 from ..gateway.queue import admission_of
 from ..modes.lottery import is_lottery
 from ..people.tokens import Principal
 from ..releases.catalog import ReleaseView
-from ..releases.store import add_code_block, iso
+from ..releases.store import add_code_block
+from ..scripts.batcher import ONE_BATCH
 from ..scripts.claim import ClaimLimit, ClaimOutcome, ClaimRequest
-from ..scripts.reserve import Reservation, ReserveOutcome
+from ..scripts.reserve import Reservation
+from .answers import claim_body, local_refusal, refusal
 
 MAX_IDEMPOTENCY_KEY = 128
 # How long a keyed request waits for a twin (same key, in flight elsewhere) to finish.
 TWIN_WAIT_STEPS = 20
 TWIN_WAIT_SECONDS = 0.01
-MAX_ID = 64
 NO_REPLAY = ClaimOutcome("no_replay")  # until a replay-only call says otherwise
 # How often a claim for any slot follows the stock to another visit day (each move
 # re-reserves the person's limits for that day).
 DAY_MOVES = 3
-
-
-def claim_body(claim: dict[str, Any], zone: Any) -> dict[str, Any]:
-    """The API's claim object from the script's claim record."""
-    return {
-        "claim_id": claim["claim_id"],
-        "code": claim["code"],
-        "release_id": claim["release_id"],
-        "slot_id": claim["slot_id"],
-        "person_id": claim["person_id"],
-        "status": claim["status"],
-        "claimed_at": iso(claim["claimed_at_ms"], zone),
-    }
-
-
-def text_field(data: dict[str, Any], name: str, required: bool) -> str:
-    value = data.get(name)
-    if value is None:
-        if required:
-            raise errors.InvalidInput(f"{name} is required", field=name)
-        return ""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID or not value.isprintable():
-        raise errors.InvalidInput(f"{name} must be a non-empty string of at most {MAX_ID} "
-                                  "printable characters", field=name)
-    return value
 
 
 def _idempotency_key(request: web.Request) -> str:
@@ -82,45 +62,6 @@ def _idempotency_key(request: web.Request) -> str:
         raise errors.InvalidInput(
             f"Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY} printable characters")
     return key
-
-
-def _refusal(outcome: ClaimOutcome, release_id: str) -> errors.ServiceError:
-    status, detail = outcome.status, outcome.detail
-    if status == "sold_out":
-        if detail:
-            return errors.SoldOut("this wave is sold out; more stock opens with the next wave",
-                                  next_wave_at_ms=int(detail))
-        return errors.SoldOut(f"release {release_id} is sold out")
-    if status == "already_claimed":
-        return errors.AlreadyClaimed("this person already holds a claim in this release")
-    if status == "not_open":
-        return errors.NotOpen("the release is not open yet", opens_at_ms=int(detail))
-    if status == "paused":
-        return errors.Paused("the release is paused", retry_after=5)
-    if status == "closed":
-        return errors.Closed("the release is closed")
-    if status == "not_eligible":
-        return errors.NotEligible(f"not eligible for this vaccine ({detail})", reason=detail)
-    if status == "admission":
-        return errors.Forbidden(f"the admission token is {detail}", reason=detail)
-    if status == "unknown_slot":
-        return errors.NotFound("no such slot in this release", field="slot_id")
-    if status == "not_found":
-        return errors.NotFound(f"no release {release_id}")
-    return errors.Unavailable(f"claim refused ({status}); try again", retry_after=1)
-
-
-def _reservation_refusal(reserved: ReserveOutcome, zone: Any) -> errors.ServiceError:
-    if reserved.status == "banned":
-        until = datetime.fromtimestamp(int(reserved.detail) / 1000, tz=zone)
-        return errors.Banned(f"booking is suspended until {until:%Y-%m-%d}",
-                             banned_until=until.isoformat())
-    if reserved.status == "removed":
-        return errors.NotYourPerson("this person was removed from the account")
-    if reserved.status == "already_claimed":
-        return errors.AlreadyClaimed("this person already holds a claim in this release")
-    return errors.LimitReached(f"the {reserved.detail.replace('_', ' ')} booking limit is "
-                               "reached", limit=reserved.detail)
 
 
 async def post_claim(request: web.Request) -> web.Response:
@@ -140,7 +81,7 @@ async def post_claim(request: web.Request) -> web.Response:
     # A keyed request may be the retry of a claim that already won: only the script can
     # tell, so it is never refused locally.
     if not idempotency_key:
-        answer = view.refusal_answer(app[CATALOG].now_ms())
+        answer = local_refusal(view, app[CATALOG].now_ms(), app[SETTINGS].zone)
         if answer is not None:
             refusal, body, retry_after = answer
             claim_result(refusal.code).inc()
@@ -172,38 +113,6 @@ async def post_claim(request: web.Request) -> web.Response:
                         limits, admission)
 
 
-async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
-                             reservation: Reservation) -> ClaimOutcome:
-    """Reserve the person's booking (limits and bans), then claim; the reservation is
-    removed again unless the claim won. A refused reservation is raised as its 4xx."""
-    release_id, claim_id = reservation.release_id, request.claim_id
-    reserved = await app[RESERVATIONS].submit("", reservation)
-    outcome = NO_REPLAY
-    for _ in range(TWIN_WAIT_STEPS if request.idempotency_key else 0):
-        if reserved.status == "ok":
-            break
-        # Refused, perhaps because a twin with this key holds the reservation: its claim
-        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
-        outcome = await app[CLAIMS].submit(release_id, replace(request, replay_only=True))
-        if outcome.status == "replay" or reserved.status != "already_claimed":
-            break
-        await asyncio.sleep(TWIN_WAIT_SECONDS)
-        reserved = await app[RESERVATIONS].submit("", reservation)
-    if reserved.status != "ok" and outcome.status != "replay":
-        error = _reservation_refusal(reserved, app[SETTINGS].zone)
-        claim_result(error.code).inc()
-        raise error
-    if reserved.status == "ok":
-        won = False
-        try:
-            outcome = await app[CLAIMS].submit(release_id, request)
-            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
-        finally:
-            if not won:  # refused, or failed: the reservation must not count
-                await app[RELEASES].submit("", (reservation.person_id, claim_id))
-    return outcome
-
-
 async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
                  person_id: str, slot_id: str, idempotency_key: str,
                  limits: tuple[ClaimLimit, ...], admission: str) -> web.Response:
@@ -232,6 +141,46 @@ async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
         request_base = replace(request_base, day=outcome.detail)
         reservation = replace(reservation, day=outcome.detail)
         outcome = await _reserve_and_claim(app, request_base, reservation)
+    return await _answer(app, view, outcome, claim_id, person_id, slot_id, limits)
+
+
+async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
+                             reservation: Reservation) -> ClaimOutcome:
+    """Reserve the person's booking (limits and bans), then claim; the reservation is
+    removed again unless the claim won. A refused reservation is raised as its 4xx."""
+    release_id, claim_id = reservation.release_id, request.claim_id
+    reserved = await app[RESERVATIONS].submit(ONE_BATCH, reservation)
+    outcome = NO_REPLAY
+    for _ in range(TWIN_WAIT_STEPS if request.idempotency_key else 0):
+        if reserved.status == "ok":
+            break
+        # Refused, perhaps because a twin with this key holds the reservation: its claim
+        # is then in flight. Replayed once it lands; reserved anew if the twin gave up.
+        outcome = await app[CLAIMS].submit(release_id, replace(request, replay_only=True))
+        if outcome.status == "replay" or reserved.status != "already_claimed":
+            break
+        await asyncio.sleep(TWIN_WAIT_SECONDS)
+        reserved = await app[RESERVATIONS].submit(ONE_BATCH, reservation)
+    if reserved.status != "ok" and outcome.status != "replay":
+        error = refusal(reserved.status, reserved.detail, release_id, app[SETTINGS].zone)
+        claim_result(error.code).inc()
+        raise error
+    if reserved.status == "ok":
+        won = False
+        try:
+            outcome = await app[CLAIMS].submit(release_id, request)
+            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+        finally:
+            if not won:  # refused, or failed: the reservation must not count
+                await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, claim_id))
+    return outcome
+
+
+async def _answer(app: web.Application, view: ReleaseView, outcome: ClaimOutcome,
+                  claim_id: str, person_id: str, slot_id: str,
+                  limits: tuple[ClaimLimit, ...]) -> web.Response:
+    """The 201 of a win or a replay; any other outcome raised as its problem document."""
+    release_id = view.release_id
     claim = outcome.claim
     # A retried script call (lost reply) finds our own claim: that is a win, not a replay.
     own = claim is not None and claim["claim_id"] == claim_id
@@ -256,10 +205,10 @@ async def _claim(request: web.Request, view: ReleaseView, principal: Principal,
     if status == "codes_exhausted":
         await add_code_block(app[DATABASE], app[REDIS], release_id)
     if status == "rate_limited":
-        refusal = app[RATE_LIMITS].claim_refused(limits, outcome.detail)
+        error = app[RATE_LIMITS].claim_refused(limits, outcome.detail)
     else:
-        refusal = _refusal(outcome, release_id)
-    claim_result(refusal.code).inc()
-    raise refusal
+        error = refusal(status, outcome.detail, release_id, app[SETTINGS].zone)
+    claim_result(error.code).inc()
+    raise error
 
 

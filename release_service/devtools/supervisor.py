@@ -29,7 +29,7 @@ GATEWAY_WAIT_SECONDS = 30.0
 # role -> (arguments of `release-service`, module that must exist for the role to run)
 ROLES: dict[str, tuple[list[str], str | None]] = {
     "gateway": (["gateway"], None),
-    "relay": (["relay"], "release_service.pipeline.relay"),
+    "relay": (["relay"], "release_service.pipeline.worker"),
     "bookings": (["consume", "bookings"], "consumers.bookings"),
     "sms": (["consume", "sms"], "consumers.sms"),
 }

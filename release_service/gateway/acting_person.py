@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..claims.flow import text_field
 from ..core import errors
 from ..people.tokens import PersonGrant, Principal
 from .auth import resident
-from .bodies import read_json_object
+from .bodies import read_json_object, text_field
 from .limits import limit
 
 

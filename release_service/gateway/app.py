@@ -18,16 +18,17 @@ from ..modes.lottery import Lottery, draw_when_due
 from ..modes.queue import AdmissionTokens, WaitingRoom
 from ..modes.standby import StandbyList, resume_handoffs
 from ..people.accounts import OneTimeCodes
+from ..people.limits import BookingLimits
 from ..people.rate_limits import RateLimits
 from ..people.tokens import TokenCodec
-from ..pipeline.relay import run_relay
+from ..pipeline.worker import run_relay
 from ..releases.catalog import ReleaseCatalog
 from ..scripts.batcher import TickBatcher
 from ..scripts.booking_codes import code_keys
 from ..scripts.cancel import CancelScript
 from ..scripts.claim import ClaimScript
 from ..scripts.client import redis_from_url
-from ..scripts.reserve import Limits, PersonScript
+from ..scripts.reserve import ReserveScript
 from ..sms.direct import DirectSms
 from ..sms.providers import provider_from_settings
 from . import accounts, bookings, health, lottery, openapi, ops, queue, releases, standby
@@ -41,15 +42,15 @@ from .appkeys import (
     KAFKA_PROBE,
     LOTTERY,
     OTP,
-    PERSONS_SCRIPT,
     RATE_LIMITS,
     REDIS,
-    RELEASES,
     RESERVATIONS,
+    RESERVE_SCRIPT,
     SETTINGS,
     SMS,
     STANDBY,
     TOKENS,
+    UNRESERVE,
     WAITING_ROOM,
 )
 from .middleware import gateway_middleware
@@ -74,7 +75,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    platform_limits = Limits(settings.limit_same_day_clinic, settings.limit_per_day,
+    platform_limits = BookingLimits(settings.limit_same_day_clinic, settings.limit_per_day,
                              settings.limit_per_7_days, settings.limit_per_3_months)
     catalog = ReleaseCatalog(app[REDIS], settings.release_view_refresh_seconds, platform_limits)
     await catalog.refresh()
@@ -91,10 +92,10 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, redis = app[SETTINGS], app[REDIS]
     claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret))
-    persons = PersonScript(redis)
+    persons = ReserveScript(redis)
     reservations = TickBatcher("reserve", persons.reserve)
-    app[CLAIMS], app[RESERVATIONS], app[PERSONS_SCRIPT] = claims, reservations, persons
-    app[RELEASES] = TickBatcher("release", persons.release_batch)
+    app[CLAIMS], app[RESERVATIONS], app[RESERVE_SCRIPT] = claims, reservations, persons
+    app[UNRESERVE] = TickBatcher("unreserve", persons.unreserve_batch)
     app[CANCELS] = CancelScript(redis)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
@@ -117,7 +118,7 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[RATE_LIMITS].drain()
     # Script calls already sent have taken stock: let them finish before Redis closes.
     await reservations.drain()
-    await app[RELEASES].drain()
+    await app[UNRESERVE].drain()
     await claims.drain()
 
 

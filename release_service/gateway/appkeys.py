@@ -18,7 +18,7 @@ from ..scripts.batcher import TickBatcher
 from ..scripts.cancel import CancelScript
 from ..scripts.claim import ClaimOutcome, ClaimRequest
 from ..scripts.client import AnyRedis
-from ..scripts.reserve import PersonScript, Reservation, ReserveOutcome
+from ..scripts.reserve import Reservation, ReserveOutcome, ReserveScript
 from ..sms.direct import DirectSms
 from .probes import KafkaProbe
 
@@ -29,8 +29,9 @@ DATABASE = web.AppKey("database", asyncpg.Pool)
 CATALOG = web.AppKey("catalog", ReleaseCatalog)
 CLAIMS: web.AppKey[TickBatcher[ClaimRequest, ClaimOutcome]] = web.AppKey("claims")
 RESERVATIONS: web.AppKey[TickBatcher[Reservation, ReserveOutcome]] = web.AppKey("reservations")
-RELEASES: web.AppKey[TickBatcher[tuple[str, str], None]] = web.AppKey("releases")
-PERSONS_SCRIPT = web.AppKey("persons_script", PersonScript)
+# Removes (person_id, claim_id) reservations whose claim did not win, batched per tick.
+UNRESERVE: web.AppKey[TickBatcher[tuple[str, str], None]] = web.AppKey("unreserve")
+RESERVE_SCRIPT = web.AppKey("reserve_script", ReserveScript)
 CANCELS = web.AppKey("cancels", CancelScript)
 BOOKINGS = web.AppKey("bookings", BookingStore)
 SMS = web.AppKey("sms", DirectSms)

@@ -11,6 +11,9 @@ from aiohttp import web
 from ..core.errors import BadRequest, InvalidInput, PayloadTooLarge, RequestTimeout
 from .appkeys import SETTINGS
 
+# Longest id a client may send (person, slot, release).
+MAX_ID = 64
+
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     seconds = request.app[SETTINGS].body_timeout_seconds
@@ -34,3 +37,15 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput("the body must be a JSON object")
     return data
+
+
+def text_field(data: dict[str, Any], name: str, required: bool) -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name} is required", field=name)
+        return ""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID or not value.isprintable():
+        raise InvalidInput(f"{name} must be a non-empty string of at most {MAX_ID} "
+                                  "printable characters", field=name)
+    return value

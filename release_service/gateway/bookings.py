@@ -13,17 +13,17 @@ from redis.exceptions import RedisError
 
 from ..bookings.attendance import check_in
 from ..bookings.store import Booking, from_row
-from ..claims.flow import claim_body
+from ..claims.answers import claim_body, refusal
 from ..core import errors, keys
-from ..releases.store import iso
+from ..core.timefmt import iso
 from .appkeys import (
     BOOKINGS,
     CANCELS,
     CATALOG,
     DATABASE,
-    PERSONS_SCRIPT,
     RATE_LIMITS,
     REDIS,
+    RESERVE_SCRIPT,
     SETTINGS,
     SMS,
     STANDBY,
@@ -108,21 +108,10 @@ async def _end_booking(request: web.Request, *, decline: bool) -> web.Response:
     app = request.app
     outcome = await app[CANCELS](booking.release_id, booking.claim_id, booking.account_id,
                                  decline=decline)
-    if outcome.status == "not_declinable":
-        raise errors.NotDeclinable("only a booking from the standby list can be declined, "
-                                   "within its decline window")
-    if outcome.status == "not_found":
-        raise errors.NotFound("no booking with this code")
-    if outcome.status == "already_cancelled":
-        raise errors.AlreadyCancelled("this booking is already cancelled")
-    if outcome.status == "not_cancellable":
-        raise errors.NotCancellable(f"a booking that is {outcome.detail} cannot be cancelled")
-    if outcome.status == "cancel_deadline_passed":
-        deadline = iso(int(outcome.detail), app[SETTINGS].zone)
-        raise errors.CancelDeadlinePassed(f"cancellation closed at {deadline}",
-                                          cancel_until=deadline)
+    if outcome.status != "ok":
+        raise refusal(outcome.status, outcome.detail, booking.release_id, app[SETTINGS].zone)
     assert outcome.claim is not None
-    await app[PERSONS_SCRIPT].release([(booking.person_id, booking.claim_id)])
+    await app[RESERVE_SCRIPT].unreserve([(booking.person_id, booking.claim_id)])
     if outcome.held_for_standby:
         # The slot goes to the first person on the standby list; back on sale only when
         # nobody there can take it. Left half-way, any gateway's resume finishes it.

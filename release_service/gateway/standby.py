@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..claims.flow import claim_body
+from ..claims.answers import claim_body, refusal
 from ..core import errors
-from ..releases.store import iso
+from ..core.timefmt import iso
 from .acting_person import acting_person
 from .appkeys import CATALOG, SETTINGS, STANDBY
 from .auth import resident
@@ -30,17 +30,8 @@ async def join_standby(request: web.Request) -> web.Response:
     release_id = _release_id(request)
     place = await request.app[STANDBY].join(release_id, person_id, principal.account_id,
                                             grant.birth, grant.sex, request["request_id"])
-    if place.status == "already_claimed":
-        raise errors.AlreadyClaimed("this person already holds a claim in this release")
-    if place.status == "not_sold_out":
-        raise errors.NotSoldOut("the release still has stock: claim a slot instead")
-    if place.status == "closed":
-        raise errors.Closed("the release is closed")
-    if place.status == "not_found":
-        raise errors.NotFound(f"no release {release_id}")
-    if place.status == "not_eligible":
-        raise errors.NotEligible(f"not eligible for this vaccine ({place.detail})",
-                                 reason=place.detail)
+    if place.status not in ("ok", "already_listed"):
+        raise refusal(place.status, place.detail, release_id, request.app[SETTINGS].zone)
     body = {"release_id": release_id, "person_id": person_id, "position": place.position,
             "length": place.length}
     return web.Response(status=201 if place.status == "ok" else 200,

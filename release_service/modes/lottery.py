@@ -29,7 +29,7 @@ from ..core.aio import wait_event
 from ..releases.catalog import ReleaseCatalog, ReleaseView
 from ..scripts.claim import ClaimRequest, ClaimScript
 from ..scripts.client import AnyRedis, reply_hash, reply_text
-from ..scripts.reserve import PersonScript, Reservation
+from ..scripts.reserve import Reservation, ReserveScript
 from ..scripts.source import lua_source
 from .lottery_draw import (
     ALGORITHM_TEXT,
@@ -80,7 +80,7 @@ def entry_claim_id(release_id: str, seed: int, number: int) -> str:
 
 
 class Lottery:
-    def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
+    def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: ReserveScript,
                  catalog: ReleaseCatalog, code_secret: str) -> None:
         self._redis = redis
         self._secret = code_secret  # the seeds' key (lottery_draw.seed_from)
@@ -275,7 +275,7 @@ class Lottery:
             outcomes[request.claim_id] = "ok" if own else result.status
         refused = [(e.person_id, claim_id) for e, _, claim_id in planned
                    if outcomes[claim_id] != "ok"]
-        await self._persons.release(refused)
+        await self._persons.unreserve(refused)
         return [(e, outcomes[claim_id]) for e, _, claim_id in planned]
 
 

@@ -28,7 +28,7 @@ from ..core.aio import wait_event
 from ..releases.catalog import ReleaseCatalog
 from ..scripts.claim import ClaimRequest, ClaimScript
 from ..scripts.client import AnyRedis, reply_text
-from ..scripts.reserve import PersonScript, Reservation
+from ..scripts.reserve import Reservation, ReserveScript
 from ..scripts.source import lua_source
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class HandoffResult:
 
 
 class StandbyList:
-    def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: PersonScript,
+    def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: ReserveScript,
                  catalog: ReleaseCatalog, decline_seconds: float) -> None:
         self._redis = redis
         self._join = redis.register_script(
@@ -173,7 +173,7 @@ class StandbyList:
                 refusal = Refusal(claim_id, claimed.status, claimed.detail)
         finally:
             if not booked:
-                await self._persons.release([(person_id, claim_id)])
+                await self._persons.unreserve([(person_id, claim_id)])
         return refusal
 
     async def resume(self, release_id: str, older_than_ms: int, now_ms: int) -> int:

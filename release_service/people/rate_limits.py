@@ -23,7 +23,7 @@ from redis.crc import key_slot
 
 from ..core import errors, keys
 from ..core.settings import Settings
-from ..scripts.batcher import TickBatcher
+from ..scripts.batcher import ONE_BATCH, TickBatcher
 from ..scripts.claim import ClaimLimit
 from ..scripts.client import AnyRedis
 from ..scripts.source import lua_source
@@ -87,7 +87,7 @@ class RateLimits:
         if not counted:
             return
         # One batch entry (one future) per request, however many rules it counts.
-        waits = await self._batcher.submit("", counted)
+        waits = await self._batcher.submit(ONE_BATCH, counted)
         wait_ms = max(waits)
         if wait_ms > 0:
             refused = next(c.rule for c, w in zip(counted, waits, strict=True) if w == wait_ms)

@@ -45,7 +45,7 @@ from ..core.kafka import kafka_producer, unread
 from ..core.settings import Settings, load_settings
 from ..scripts.client import AnyRedis, redis_from_url
 from ..scripts.restore import RestoreScript
-from .relay import OutboxEntry, active_release_ids, parse_entry, publish
+from .outbox import OutboxEntry, active_release_ids, parse_entry, publish
 
 log = logging.getLogger(__name__)
 

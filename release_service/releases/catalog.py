@@ -19,10 +19,10 @@ import orjson
 
 from ..core import keys
 from ..core.aio import wait_event
-from ..core.errors import Closed, NotOpen, Paused, ServiceError, SoldOut
+from ..core.errors import ServiceError
 from ..core.metrics import STOCK_REMAINING
+from ..people.limits import BookingLimits
 from ..scripts.client import AnyRedis
-from ..scripts.reserve import Limits
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ KEEP_AFTER_CLOSE_MS = 24 * 3600 * 1000
 class ReleaseView:
     release_id: str
     document: dict[str, Any]
-    limits: Limits = field(default_factory=Limits)
+    limits: BookingLimits = field(default_factory=BookingLimits)
     opens_ms: int = 0
     closes_ms: int = 0
     state: str = "scheduled"
     left: int = 0
     remaining_by_slot: dict[str, int] = field(default_factory=dict)
     page: bytes = b""  # pre-encoded GET /v1/releases/{id}
-    # Per status: the refusal and its encoded problem document (see refusal_answer).
+    # Per status: the refusal and its encoded problem document (claims.answers).
     refusal_answers: dict[str, tuple[ServiceError, bytes]] = field(default_factory=dict)
 
     def status(self, now_ms: int) -> str:
@@ -54,38 +54,6 @@ class ReleaseView:
         if self.left <= 0:
             return "sold_out"
         return "open"
-
-    def refusal(self, now_ms: int) -> ServiceError | None:
-        """The answer this gateway can give without Redis, or None to ask the script."""
-        status = self.status(now_ms)
-        if status == "open":
-            return None
-        if status == "upcoming":
-            wait = max(1, (self.opens_ms - now_ms + 999) // 1000)
-            return NotOpen(f"opens at {self.document['opens_at']}", retry_after=wait,
-                           opens_at=self.document["opens_at"])
-        if status == "closed":
-            return Closed(f"release {self.release_id} is closed")
-        if status == "paused":
-            return Paused(f"release {self.release_id} is paused", retry_after=5)
-        return SoldOut(f"release {self.release_id} is sold out")
-
-    def refusal_answer(self, now_ms: int) -> tuple[ServiceError, bytes, int | None] | None:
-        """`refusal` with its problem document pre-encoded, and its Retry-After: during a
-        spike most requests get one of these few answers, so each is built once per state,
-        not per request (only the wait before the opening changes by the second)."""
-        status = self.status(now_ms)
-        if status == "open":
-            return None
-        answer = self.refusal_answers.get(status)
-        if answer is None:
-            refusal = self.refusal(now_ms)
-            assert refusal is not None
-            answer = self.refusal_answers[status] = (refusal, refusal.body())
-        refusal, body = answer
-        if status == "upcoming":
-            return refusal, body, max(1, (self.opens_ms - now_ms + 999) // 1000)
-        return refusal, body, refusal.retry_after
 
     def public(self, now_ms: int) -> dict[str, Any]:
         slots = [
@@ -107,9 +75,9 @@ class ReleaseView:
 
 class ReleaseCatalog:
     def __init__(self, redis: AnyRedis, refresh_seconds: float,
-                 limits: Limits | None = None) -> None:
+                 limits: BookingLimits | None = None) -> None:
         self._redis = redis
-        self._limits = limits or Limits()
+        self._limits = limits or BookingLimits()
         self._refresh_seconds = refresh_seconds
         self._views: dict[str, ReleaseView] = {}
         self._clock_offset_ms = 0.0

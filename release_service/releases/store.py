@@ -6,7 +6,6 @@ path needs, written at preheat, so a claim never touches PostgreSQL.
 
 from __future__ import annotations
 
-import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,21 +29,6 @@ STATES = ("scheduled", "paused", "closed")
 
 def epoch_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
-
-
-def iso(ms: int, zone: Any) -> str:
-    """`ms` (Unix milliseconds) as ISO 8601 in `zone`, e.g. 2026-12-01T09:00:00.123+08:00.
-    Every 201 carries one, and a spike's claims share a few seconds: the date, time and
-    offset of a second are formatted once (a third of the cost)."""
-    second, milli = divmod(ms, 1000)
-    before, after = _second_text(second, zone)
-    return f"{before}.{milli:03d}{after}"
-
-
-@functools.lru_cache(maxsize=64)
-def _second_text(second: int, zone: Any) -> tuple[str, str]:
-    text = datetime.fromtimestamp(second, tz=zone).isoformat()
-    return text[:19], text[19:]  # YYYY-MM-DDTHH:MM:SS, then the offset
 
 
 def public_document(d: ReleaseDefinition, zone: Any) -> dict[str, Any]:

@@ -17,6 +17,8 @@ Req = TypeVar("Req")
 Out = TypeVar("Out")
 
 MAX_BATCH = 32
+# The key of requests that all share one batch (one script call or pipeline per tick).
+ONE_BATCH = ""
 
 BATCH_SIZE = Histogram("release_redis_batch_size", "Requests sent to Redis in one call",
                        ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64))

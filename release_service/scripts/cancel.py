@@ -14,8 +14,8 @@ from .source import lua_source
 
 @dataclass(frozen=True, slots=True)
 class CancelOutcome:
-    # ok, not_found, already_cancelled, not_cancellable, cancel_deadline_passed,
-    # not_declinable
+    # ok, booking_not_found, already_cancelled, not_cancellable, cancel_deadline_passed
+    # (detail: the deadline, Unix ms), not_declinable
     status: str
     claim: dict[str, Any] | None = None
     detail: str = ""
@@ -44,4 +44,6 @@ class CancelScript:
                                  held_for_standby=reply[2] == b"held")
         if status == "already_cancelled":
             return CancelOutcome(status, orjson.loads(payload))
+        if status == "not_found":  # the claim: a booking, not a release
+            status = "booking_not_found"
         return CancelOutcome(status, None, payload.decode())

@@ -15,7 +15,7 @@ import orjson
 from ..core import keys
 from .booking_codes import code_keys
 from .client import AnyRedis, reply_text
-from .source import lua_source
+from .source import SEPARATOR, lua_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +54,6 @@ class ClaimOutcome:
     detail: str = ""
 
 
-# Joins a claim's fields into one script argument; never in a validated field (printable).
-SEPARATOR = "\x1f"
-
 _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
 
 
@@ -94,11 +91,7 @@ class ClaimScript:
                     script_keys.append(lim.key)
                     index = key_index[lim.key] = len(script_keys)
                 spec.append(f"{index},{lim.limit},{lim.window_ms}")
-            argv.append(SEPARATOR.join((
-                r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key,
-                str(r.birth), r.sex, r.day, _mode(r), r.request_id, " ".join(spec),
-                "" if r.standby_decline_ms is None else str(r.standby_decline_ms),
-                r.admission)))
+            argv.append(packed(r, " ".join(spec)))
         reply = await self._script(keys=script_keys, args=argv)
         outcomes = []
         for i in range(0, len(reply), 2):
@@ -109,6 +102,14 @@ class ClaimScript:
             else:
                 outcomes.append(ClaimOutcome(status, None, reply_text(payload)))
         return outcomes
+
+
+def packed(r: ClaimRequest, limits: str = "") -> str:
+    """One claim as the script's argument: the fields of lua/claim.lua's header, in order."""
+    return SEPARATOR.join((
+        r.claim_id, r.account_id, r.person_id, r.slot_id, r.idempotency_key, str(r.birth),
+        r.sex, r.day, _mode(r), r.request_id, limits,
+        "" if r.standby_decline_ms is None else str(r.standby_decline_ms), r.admission))
 
 
 def _mode(request: ClaimRequest) -> str:

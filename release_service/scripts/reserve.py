@@ -5,24 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from ..core import keys
-from .claim import SEPARATOR
 from .client import AnyRedis
-from .source import lua_source
+from .source import SEPARATOR, lua_source
 
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per-person booking limits (-1: none). Defaults are the hospital platform's."""
-
-    same_day_clinic: int = 1
-    per_day: int = 2
-    per_7_days: int = 3
-    per_3_months: int = 5
+if TYPE_CHECKING:  # the limits are the person's rules; this only passes them on
+    from ..people.limits import BookingLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +26,26 @@ class Reservation:
     day: str  # YYYYMMDD
     clinic_id: str
     department: str
-    limits: Limits
+    limits: BookingLimits
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveOutcome:
-    status: str  # ok, banned, already_claimed, limit_reached
+    status: str  # ok, banned (detail: until, Unix ms), already_claimed, removed,
+    #              limit_reached (detail: which limit)
     detail: str = ""
 
 
-class PersonScript:
+def packed(r: Reservation) -> str:
+    """One reservation as the script's argument: the fields of lua/person_reserve.lua's
+    header, in order."""
+    lim = r.limits
+    return SEPARATOR.join((
+        r.claim_id, r.release_id, r.day, r.clinic_id, r.department, str(lim.same_day_clinic),
+        str(lim.per_day), str(lim.per_7_days), str(lim.per_3_months)))
+
+
+class ReserveScript:
     def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
         self._cluster = isinstance(redis, RedisCluster)
@@ -76,15 +79,11 @@ class PersonScript:
         script_keys: list[str] = []
         args: list[str] = []
         for r in batch:
-            lim = r.limits
             script_keys += (keys.person_active_key(r.person_id), keys.person_ban_key(r.person_id))
-            args.append(SEPARATOR.join((
-                r.claim_id, r.release_id, r.day, r.clinic_id, r.department,
-                str(lim.same_day_clinic), str(lim.per_day), str(lim.per_7_days),
-                str(lim.per_3_months))))
+            args.append(packed(r))
         return script_keys, args
 
-    async def release(self, entries: Sequence[tuple[str, str]]) -> list[None]:
+    async def unreserve(self, entries: Sequence[tuple[str, str]]) -> list[None]:
         """Remove (person_id, claim_id) reservations: the claim did not happen, or the
         booking ended (cancelled, attended, no-show). One pipeline for all."""
         if not entries:
@@ -95,5 +94,6 @@ class PersonScript:
         await pipe.execute()
         return [None] * len(entries)
 
-    async def release_batch(self, _key: str, entries: Sequence[tuple[str, str]]) -> list[None]:
-        return await self.release(entries)
+    async def unreserve_batch(self, _key: str, entries: Sequence[tuple[str, str]]
+                              ) -> list[None]:
+        return await self.unreserve(entries)

@@ -6,6 +6,10 @@ import functools
 from importlib import resources
 from pathlib import Path
 
+# Joins one request's fields into one script argument (the scripts split on it); never in
+# a validated field, which is printable.
+SEPARATOR = "\x1f"
+
 
 @functools.cache
 def lua_source(name: str) -> str:

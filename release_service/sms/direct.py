@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncpg
 
-from consumers.sms import SmsJob, load_contexts, render
-
 from ..bookings.store import Booking
 from ..core.errors import NotFound, Unavailable
 from ..core.settings import Settings
+from .messages import SmsJob, load_contexts, render
 from .providers import ProviderError, SmsProvider
 
 
