@@ -20,7 +20,6 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
-from release_service.core import keys
 from release_service.core.db import connect_pool
 from release_service.core.settings import load_settings
 from release_service.modes.lottery import Lottery
@@ -29,8 +28,8 @@ from release_service.releases.definition import parse_definition
 from release_service.releases.store import create_release
 from release_service.scripts.claim import ClaimScript
 from release_service.scripts.client import redis_from_url
+from release_service.scripts.lottery import Entrant, LotteryScripts
 from release_service.scripts.reserve import ReserveScript
-from release_service.scripts.source import lua_source
 
 ENTER_BATCH = 10_000
 
@@ -49,19 +48,14 @@ async def main(entries: int, slots: int, window: float) -> None:
                                       "ends_at": (day + timedelta(hours=8)).isoformat(),
                                       "capacity": slots}]})
     await create_release(pool, redis, definition, settings.zone)
-    enter = redis.register_script(lua_source("lottery_enter.lua"))
-    script_keys = [keys.meta_key(rid), keys.slot_day_key(rid), keys.lottery_entries_key(rid),
-                   keys.lottery_people_key(rid), keys.lottery_result_key(rid)]
+    scripts = LotteryScripts(redis)
     started = time.perf_counter()
     accepted = 0
     for first in range(0, entries, ENTER_BATCH):
-        pipe = redis.pipeline(transaction=False)
-        for n in range(first, min(entries, first + ENTER_BATCH)):
-            # A script queued on a pipeline, as redis-py documents; its annotation names
-            # clients only.
-            await enter(keys=script_keys, args=[f"p{n}", f"a{n}", 19950101, "F"],
-                        client=pipe)  # type: ignore[arg-type]
-        accepted += sum(status == b"ok" for status, _ in await pipe.execute())
+        entered = await scripts.enter_many(rid, [
+            Entrant(f"p{n}", f"a{n}", 19950101, "F")
+            for n in range(first, min(entries, first + ENTER_BATCH))])
+        accepted += sum(outcome.status == "ok" for outcome in entered)
     print(f"{accepted:,} of {entries:,} entries accepted in "
           f"{time.perf_counter() - started:.1f} s (a longer --window if not all)")
 

@@ -1,5 +1,7 @@
 """Contracts the code states about itself: each Lua script's header against its wrapper
-and its own parsing, and a package whose modules import each other without circles."""
+and its own parsing, one wrapper per script in release_service/scripts (the layer below
+the domain: it imports only core at run time), and a package whose modules import each
+other without circles."""
 
 from __future__ import annotations
 
@@ -115,3 +117,32 @@ def test_the_package_does_not_import_the_consumers():
     for path in (ROOT / "release_service").rglob("*.py"):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         assert not any(i.split(".")[0] == "consumers" for i in _imports(path, module)), path
+
+
+# Run before another script (prepended to it), so loaded by each wrapper that needs them.
+PROLOGUES = {"eligibility.lua", "queue_advance.lua"}
+
+
+def test_each_script_is_loaded_by_one_wrapper_in_scripts_and_nowhere_else():
+    loaded_by: dict[str, set[str]] = {}
+    for path in (ROOT / "release_service").rglob("*.py"):
+        text = path.read_text()
+        names = re.findall(r'lua_source\("([a-z_]+\.lua)"\)', text)
+        if path.parent.name != "scripts":
+            assert not names and "register_script(" not in text, \
+                f"{path.relative_to(ROOT)} loads a script: its wrapper in scripts/ should"
+        for name in names:
+            loaded_by.setdefault(name, set()).add(path.name)
+    for script in sorted(p.name for p in LUA.glob("*.lua")):
+        wrappers = loaded_by.get(script, set())
+        assert wrappers if script in PROLOGUES else len(wrappers) == 1, \
+            f"{script} is loaded by {sorted(wrappers) or 'no module'}"
+
+
+def test_the_scripts_room_imports_only_core_and_itself_at_run_time():
+    for path in (ROOT / "release_service" / "scripts").glob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        own = {i for i in _imports(path, module) if i.split(".")[0] == "release_service"}
+        above = {i for i in own if i.split(".")[:2] not in (["release_service", "core"],
+                                                            ["release_service", "scripts"])}
+        assert not above, f"{module} imports {sorted(above)} (under TYPE_CHECKING only)"

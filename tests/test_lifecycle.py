@@ -16,6 +16,7 @@ from support import CLINIC_ZONE, Api, Resident, release_definition, residents
 
 from consumers.bookings import BookingEvent, BookingsProcessor
 from release_service.bookings.attendance import add_months, no_show_pass
+from release_service.core import keys
 from release_service.people.resident_id import generate_resident_id
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -390,7 +391,7 @@ async def test_register_login_and_one_phone_backs_two_users(api, redis, stack_se
 
 async def _clear_cooldown(redis, phone: str) -> None:
     """Tests skip the 60-second cool-down by removing its key, not by sleeping."""
-    await redis.delete(f"otp:{{{phone}}}:cooldown")
+    await redis.delete(keys.otp_cooldown_key(phone))
 
 
 async def test_bad_registration_input(api, stack_settings):

@@ -15,17 +15,18 @@ from redis.crc import key_slot
 from support import Api, release_definition, residents
 
 from release_service.core import keys
-from release_service.modes.queue import AdmissionTokens, WaitingRoom, shuffled
+from release_service.modes.queue import AdmissionTokens, shuffled
 from release_service.releases.definition import parse_definition
 from release_service.releases.store import preheat
 from release_service.scripts.claim import ClaimRequest, ClaimScript
+from release_service.scripts.queue import QueueScripts
 from release_service.scripts.restore import RestoreScript
 
 QUEUED, BOTS, STOCK, FACTOR, SEED = 20_000, 2_000, 2_000, 1.2, 20261123
 LATE = 500  # humans who join after the opening, behind the shuffled pre-queue
 
 
-async def _join_all(room: WaitingRoom, rid: str, persons: list[str]) -> list:
+async def _join_all(room: QueueScripts, rid: str, persons: list[str]) -> list:
     """Each person's join script call, in join order, 1,000 to a pipeline."""
     out: list = []
     for start in range(0, len(persons), 1000):
@@ -41,7 +42,7 @@ async def test_fairness_of_20000_queued_with_bots_first_and_fastest(redis, stack
     assert rid is not None
     await preheat(redis, definition, definition.opens_at.tzinfo, 0, 4 * STOCK)
     await redis.hset(keys.meta_key(rid), "q_seed", SEED)  # a fixed seed: a fixed draw
-    room, claim = WaitingRoom(redis), ClaimScript(redis, stack_settings.code_secret)
+    room, claim = QueueScripts(redis), ClaimScript(redis, stack_settings.code_secret)
     bots = [f"bot{i}" for i in range(BOTS)]
     humans = [f"hum{i}" for i in range(QUEUED - BOTS - LATE)]
 

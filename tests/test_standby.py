@@ -15,13 +15,14 @@ from support import Api, Resident, release_definition, residents
 
 from release_service.core import keys
 from release_service.devtools.seed import seed_users
-from release_service.modes.standby import Refusal, StandbyList
+from release_service.modes.standby import StandbyList
 from release_service.pipeline.outbox import parse_entry
 from release_service.pipeline.reconcile import persisted_events
 from release_service.releases.catalog import ReleaseCatalog
 from release_service.scripts.cancel import CancelScript
 from release_service.scripts.claim import ClaimScript
 from release_service.scripts.reserve import ReserveScript
+from release_service.scripts.standby import Refusal, StandbyScripts
 
 SETTLE_SECONDS = 60
 
@@ -223,14 +224,16 @@ async def test_a_refusal_reported_after_another_gateway_booked_the_offer_keeps_i
     assert (await join(api, rid, s1))[0] == 201
     claim_id = (await booking_of(api, rid, holder))["claim"]["claim_id"]  # type: ignore[index]
     assert (await CancelScript(redis)(rid, claim_id, holder.account_id)).held_for_standby
-    standby = await standby_list(redis, stack_settings)
-    status, payload = await standby.offer(rid, claim_id, "y" * 24)
-    assert status == "offer" and orjson.loads(payload)["person_id"] == s1.person_id
-    assert await standby._book(rid, orjson.loads(payload)) is None  # gateway A
-    status, payload = await standby.offer(rid, claim_id, "z" * 24,
-                                          Refusal("y" * 24, "already_claimed", ""))
-    assert status == "granted" and orjson.loads(payload)["claim_id"] == "y" * 24
-    assert (await standby.offer(rid, claim_id, "z" * 24))[0] == "gone"
+    standby, scripts = await standby_list(redis, stack_settings), StandbyScripts(redis)
+    step = await scripts.offer(rid, claim_id, "y" * 24)
+    assert step.status == "offer" and step.offer is not None
+    assert step.offer["person_id"] == s1.person_id
+    assert await standby._book(rid, step.offer) is None  # gateway A
+    step = await scripts.offer(rid, claim_id, "z" * 24,
+                               Refusal("y" * 24, "already_claimed", ""))
+    assert step.status == "granted" and step.claim is not None
+    assert step.claim["claim_id"] == "y" * 24
+    assert (await scripts.offer(rid, claim_id, "z" * 24)).status == "gone"
     types = [f[b"type"] for _, f in await redis.xrange(keys.outbox_key(rid))]
     assert b"standby.skipped" not in types
     assert "left" not in await standing(api, rid, s1)
@@ -249,7 +252,7 @@ async def test_a_handoff_left_by_a_dead_gateway_is_finished(api, redis, stack_se
     assert outcome.held_for_standby
     standby = await standby_list(redis, stack_settings)
     if left_after == "offer":
-        assert (await standby.offer(rid, claim_id, "c" * 24))[0] == "offer"
+        assert (await StandbyScripts(redis).offer(rid, claim_id, "c" * 24)).status == "offer"
     assert await booking_of(api, rid, s1) is None
     assert (await api.claim(rid, s2))[2]["code"] == "sold_out"  # held, not on sale
 

@@ -17,9 +17,9 @@ import asyncpg
 
 from ..core import errors, keys
 from ..core.aio import wait_event
+from ..scripts.claim_status import ClaimStatusScript
 from ..scripts.client import AnyRedis
 from ..scripts.reserve import ReserveScript
-from ..scripts.source import lua_source
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ def add_months(moment: datetime, months: int) -> datetime:
 
 
 async def _set_claim_status(redis: AnyRedis, rows: list[Any], before: str, after: str) -> None:
-    script = redis.register_script(lua_source("claim_status.lua"))
-    pipe = redis.pipeline(transaction=False)
-    for row in rows:
-        await script(keys=[keys.claims_key(row["release_id"])],
-                     args=[row["claim_id"], before, after], client=pipe)  # type: ignore[arg-type]
-    await pipe.execute()
+    await ClaimStatusScript(redis)([(r["release_id"], r["claim_id"]) for r in rows],
+                                   before, after)
     await ReserveScript(redis).unreserve([(r["person_id"], r["claim_id"]) for r in rows])
 
 

@@ -151,6 +151,20 @@ def person_ban_key(person_id: str) -> str:
     return f"person:{{{person_id}}}:ban"
 
 
+# One-time login codes: hash tag {phone}.
+
+
+def otp_code_key(phone: str) -> str:
+    """Hash {digest, tries} of the code last sent to the phone; expires with the code
+    (lua/otp_verify.lua deletes it once used or burned)."""
+    return f"otp:{{{phone}}}:code"
+
+
+def otp_cooldown_key(phone: str) -> str:
+    """String: a code was sent to the phone a moment ago; expires with the cool-down."""
+    return f"otp:{{{phone}}}:cooldown"
+
+
 # Keys outside any release slot (never touched by a claim script).
 
 RELEASE_INDEX_KEY = "releases:index"

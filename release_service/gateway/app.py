@@ -15,7 +15,7 @@ from ..core.db import connect_pool
 from ..core.metrics import watch_event_loop
 from ..core.settings import Settings
 from ..modes.lottery import Lottery, draw_when_due
-from ..modes.queue import AdmissionTokens, WaitingRoom
+from ..modes.queue import AdmissionTokens
 from ..modes.standby import StandbyList, resume_handoffs
 from ..people.accounts import OneTimeCodes
 from ..people.limits import BookingLimits
@@ -28,6 +28,7 @@ from ..scripts.booking_codes import code_keys
 from ..scripts.cancel import CancelScript
 from ..scripts.claim import ClaimScript
 from ..scripts.client import redis_from_url
+from ..scripts.queue import QueueScripts
 from ..scripts.reserve import ReserveScript
 from ..sms.direct import DirectSms
 from ..sms.providers import provider_from_settings
@@ -99,7 +100,7 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CANCELS] = CancelScript(redis)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
-    app[WAITING_ROOM] = WaitingRoom(redis)
+    app[WAITING_ROOM] = QueueScripts(redis)
     app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
                                app[CATALOG], settings.standby_decline_seconds)
     app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,

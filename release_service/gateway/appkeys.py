@@ -8,7 +8,7 @@ from aiohttp import web
 from ..bookings.store import BookingStore
 from ..core.settings import Settings
 from ..modes.lottery import Lottery
-from ..modes.queue import AdmissionTokens, WaitingRoom
+from ..modes.queue import AdmissionTokens
 from ..modes.standby import StandbyList
 from ..people.accounts import OneTimeCodes
 from ..people.rate_limits import RateLimits
@@ -18,6 +18,7 @@ from ..scripts.batcher import TickBatcher
 from ..scripts.cancel import CancelScript
 from ..scripts.claim import ClaimOutcome, ClaimRequest
 from ..scripts.client import AnyRedis
+from ..scripts.queue import QueueScripts
 from ..scripts.reserve import Reservation, ReserveOutcome, ReserveScript
 from ..sms.direct import DirectSms
 from .probes import KafkaProbe
@@ -40,5 +41,5 @@ KAFKA_PROBE = web.AppKey("kafka_probe", KafkaProbe)
 RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 STANDBY = web.AppKey("standby", StandbyList)
 LOTTERY = web.AppKey("lottery", Lottery)
-WAITING_ROOM = web.AppKey("waiting_room", WaitingRoom)
+WAITING_ROOM = web.AppKey("waiting_room", QueueScripts)
 ADMISSION_TOKENS = web.AppKey("admission_tokens", AdmissionTokens)

@@ -15,9 +15,10 @@ from aiohttp import web
 
 from ..core import errors
 from ..core.metrics import QUEUE_ADMITTED, QUEUE_LENGTH, QUEUE_RETURNED
-from ..modes.queue import Standing
+from ..modes.queue import public_standing
 from ..people.tokens import Principal
 from ..releases.catalog import ReleaseView
+from ..scripts.queue import Standing
 from .appkeys import ADMISSION_TOKENS, CATALOG, WAITING_ROOM
 from .auth import resident
 from .bodies import read_json_object
@@ -67,7 +68,7 @@ def _body(request: web.Request, release_id: str, person_id: str,
     if standing.status in ("not_found", "none"):
         raise errors.NotFound("this person is not in the queue")
     _observe(release_id, standing)
-    body = {"release_id": release_id, "person_id": person_id, **standing.public()}
+    body = {"release_id": release_id, "person_id": person_id, **public_standing(standing)}
     if standing.status == "admitted":
         body["admission_token"] = request.app[ADMISSION_TOKENS].issue(
             release_id, person_id, standing.jti, standing.expires_ms)

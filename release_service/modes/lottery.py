@@ -1,13 +1,15 @@
 """Lottery releases: entries during the window, one draw at the draw time (`closes_at`).
 
-The draw runs in one process at a time (a lock under the release's hash tag), shuffles with
-the seed committed to when the release was created (`lottery_draw.py`), books winners
-through claim.lua (mode "draw": the same atomic claim, outbox event, booking row and SMS as
-any claim) and tells everybody else by SMS through the outbox (`lottery.lost` events,
-built in Redis by `lua/lottery_notify.lua`). A draw that dies half-way is run again by the
-next caller with the committed seed and the recorded progress, so the same order and the
-same winners: claims are keyed by entry, a winner already booked is found booked, and a
-repeated loser event is one SMS (the consumer keeps one message per event id and kind).
+Entries are taken by `lua/lottery_enter.lua`. The draw runs in one process at a time (a
+lock under the release's hash tag), shuffles with the seed committed to when the release
+was created (`lottery_draw.py`), books winners through claim.lua (mode "draw": the same
+atomic claim, outbox event, booking row and SMS as any claim) and tells everybody else by
+SMS through the outbox (`lottery.lost` events, built in Redis by `lua/lottery_notify.lua`;
+both scripts through their wrappers in scripts/lottery.py). A draw that dies half-way is
+run again by the next caller with the committed seed and the recorded progress, so the
+same order and the same winners: claims are keyed by entry, a winner already booked is
+found booked, and a repeated loser event is one SMS (the consumer keeps one message per
+event id and kind).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from ..core.aio import wait_event
 from ..releases.catalog import ReleaseCatalog, ReleaseView
 from ..scripts.claim import ClaimRequest, ClaimScript
 from ..scripts.client import AnyRedis, reply_hash, reply_text
+from ..scripts.lottery import EnterOutcome, Entrant, LotteryScripts
 from ..scripts.reserve import Reservation, ReserveScript
-from ..scripts.source import lua_source
 from .lottery_draw import (
     ALGORITHM_TEXT,
     DRAW_ALGORITHM,
@@ -60,15 +62,6 @@ class Entry:
     sex: str
 
 
-@dataclass(frozen=True, slots=True)
-class EnterOutcome:
-    status: str  # ok, already_entered, not_open, closed, paused, not_found, not_eligible,
-    #              not_lottery
-    number: int = 0
-    detail: str = ""
-
-
-
 def _entry(number: int, raw: bytes) -> Entry:
     person_id, account_id, birth, sex = raw.decode().split("|")
     return Entry(number, person_id, account_id, int(birth), sex)
@@ -84,26 +77,18 @@ class Lottery:
                  catalog: ReleaseCatalog, code_secret: str) -> None:
         self._redis = redis
         self._secret = code_secret  # the seeds' key (lottery_draw.seed_from)
-        self._enter = redis.register_script(
-            lua_source("eligibility.lua") + lua_source("lottery_enter.lua"))
-        self._notify = redis.register_script(lua_source("lottery_notify.lua"))
+        self._scripts = LotteryScripts(redis)
         self._claims = claims
         self._persons = persons
         self._catalog = catalog
 
     async def enter(self, release_id: str, person_id: str, account_id: str, birth: int,
                     sex: str) -> EnterOutcome:
-        status, detail = await self._enter(keys=[
-            keys.meta_key(release_id), keys.slot_day_key(release_id),
-            keys.lottery_entries_key(release_id), keys.lottery_people_key(release_id),
-            keys.lottery_result_key(release_id),
-        ], args=[person_id, account_id, birth, sex])
-        status, detail = reply_text(status), reply_text(detail)
-        if status == "ok":
+        outcome = await self._scripts.enter(release_id,
+                                            Entrant(person_id, account_id, birth, sex))
+        if outcome.status == "ok":
             LOTTERY_ENTRIES.inc()
-        if status in ("ok", "already_entered"):
-            return EnterOutcome(status, int(detail))
-        return EnterOutcome(status, detail=detail)
+        return outcome
 
     async def entry_number(self, release_id: str, person_id: str) -> int | None:
         number = await self._redis.hget(keys.lottery_people_key(release_id), person_id)
@@ -185,8 +170,7 @@ class Lottery:
         booked = time.perf_counter()
         # Everybody else is told, a range of entries per script call.
         for first in range(int(recorded.get("notified") or 0) + 1, count + 1, NOTICE_BATCH):
-            await self._notify(keys=[entries_key, result_key, keys.outbox_key(release_id)],
-                               args=[release_id, first, min(count, first + NOTICE_BATCH - 1)])
+            await self._scripts.notify(release_id, first, min(count, first + NOTICE_BATCH - 1))
         await self._redis.hset(result_key, "state", "drawn")
         LOTTERY_DRAWS.inc()
         log.info("lottery %s drawn: %d entries, %d winners; read and shuffled in %.2f s, "

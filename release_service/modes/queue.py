@@ -1,9 +1,11 @@
-"""The waiting room of `mode: queue` releases: typed wrappers of lua/queue_*.lua, the
-signed admission token, and the opening shuffle repeated in Python for audits.
+"""The waiting room of `mode: queue` releases: its fields in the release's meta, what a
+resident is shown of a standing, the signed admission token, and the opening shuffle
+repeated in Python for audits.
 
 Every step runs in Redis on the release's slot and advances the room to Redis TIME
-(lua/queue_advance.lua), so there is no ticker to elect and nothing to lose when a gateway
-process dies: the next call from any process picks up where the last one stopped.
+(lua/queue_advance.lua, through the wrappers in scripts/queue.py), so there is no ticker
+to elect and nothing to lose when a gateway process dies: the next call from any process
+picks up where the last one stopped.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ..core import keys
 from ..core.errors import Forbidden
 from ..releases.definition import ReleaseDefinition
-from ..scripts.client import AnyRedis, reply_text
-from ..scripts.source import lua_source
+from ..scripts.queue import Standing
 
 PARK_MILLER_MODULUS = 2_147_483_647
 PARK_MILLER_MULTIPLIER = 48_271
@@ -55,87 +54,25 @@ def shuffled(pre_queue: Sequence[str], seed: int) -> list[str]:
     return order
 
 
-@dataclass(frozen=True, slots=True)
-class Standing:
-    """One person's place in the room and the room's state, as one script call saw it."""
-
-    status: str  # waiting, admitted, used, expired, none | not_found, not_queue, closed,
-    #              too_early
-    ahead: int = -1  # persons admitted before this one; -1 before the opening shuffle
-    jti: str = ""
-    expires_ms: int = 0
-    release: str = ""  # open, not_open, paused, wave_sold_out, sold_out, closed
-    available: int = 0  # stock released and not taken
-    left: int = 0  # stock not taken, every wave
-    next_wave_ms: int = 0
-    waiting: int = 0
-    admitted_now: int = 0
-    returned_now: int = 0
-    now_ms: int = 0
-    rate: float = 0.0
-    admitted_total: int = 0
-    detail: int = 0  # too_early: when joining opens (ms)
-    joined: bool = False  # this call made the person's entry
-
-    def estimated_wait_seconds(self) -> float | None:
-        """Persons ahead over the admission rate: a lower bound (stock limits it too)."""
-        if self.status != "waiting" or self.ahead < 0 or self.rate <= 0:
-            return None
-        return round(self.ahead / self.rate, 1)
-
-    def public(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "status": self.status,
-            "position": self.ahead + 1 if self.ahead >= 0 else None,
-            "estimated_wait_seconds": self.estimated_wait_seconds(),
-            "release_status": self.release, "remaining": self.left,
-            "available": self.available, "waiting": self.waiting,
-        }
-        if self.next_wave_ms and self.release == "wave_sold_out":
-            body["next_wave_at_ms"] = self.next_wave_ms
-        return body
+def estimated_wait_seconds(standing: Standing) -> float | None:
+    """Persons ahead over the admission rate: a lower bound (stock limits it too)."""
+    if standing.status != "waiting" or standing.ahead < 0 or standing.rate <= 0:
+        return None
+    return round(standing.ahead / standing.rate, 1)
 
 
-def _standing(reply: list[Any]) -> Standing:
-    status = reply_text(reply[0])
-    if len(reply) < 15:
-        return Standing(status, detail=int(reply[1]) if len(reply) > 1 else 0)
-    return Standing(
-        status, int(reply[1]), reply_text(reply[2]), int(reply[3]), reply_text(reply[4]),
-        int(reply[5]), int(reply[6]), int(reply_text(reply[7]) or 0), int(reply[8]), int(reply[9]),
-        int(reply[10]), int(reply[11]), float(reply_text(reply[12])), int(reply[13]),
-        joined=reply[14] == 1)
-
-
-
-def _keys(release_id: str) -> list[str]:
-    q = keys.queue_keys(release_id)
-    return [keys.meta_key(release_id), keys.capacity_key(release_id),
-            keys.taken_key(release_id), q["pre"], q["line"], q["pos"], q["who"], q["live"],
-            q["jtis"], keys.outbox_key(release_id), keys.holders_key(release_id)]
-
-
-class WaitingRoom:
-    def __init__(self, redis: AnyRedis) -> None:
-        prologue = lua_source("queue_advance.lua")
-        self._join = redis.register_script(prologue + lua_source("queue_join.lua"))
-        self._status = redis.register_script(prologue + lua_source("queue_status.lua"))
-        self._redis = redis
-
-    async def join(self, release_id: str, person_id: str) -> Standing:
-        return _standing(await self._join(keys=_keys(release_id), args=[person_id]))
-
-    async def join_many(self, release_id: str, person_ids: Sequence[str]) -> list[Standing]:
-        """One join per person, in order, in one pipeline (bulk tests and loads; a single
-        Redis node: cluster pipelines carry no scripts)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for person_id in person_ids:
-            await self._join(keys=_keys(release_id), args=[person_id],
-                             client=pipe)  # type: ignore[arg-type]  # a pipeline queues it
-        return [_standing(reply) for reply in await pipe.execute()]
-
-    async def status(self, release_id: str, person_id: str = "") -> Standing:
-        return _standing(await self._status(keys=_keys(release_id), args=[person_id]))
+def public_standing(standing: Standing) -> dict[str, Any]:
+    """What a resident is shown of their standing (the poll's body, one streamed event)."""
+    body: dict[str, Any] = {
+        "status": standing.status,
+        "position": standing.ahead + 1 if standing.ahead >= 0 else None,
+        "estimated_wait_seconds": estimated_wait_seconds(standing),
+        "release_status": standing.release, "remaining": standing.left,
+        "available": standing.available, "waiting": standing.waiting,
+    }
+    if standing.next_wave_ms and standing.release == "wave_sold_out":
+        body["next_wave_at_ms"] = standing.next_wave_ms
+    return body
 
 
 class AdmissionTokens:

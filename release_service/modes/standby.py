@@ -1,6 +1,6 @@
 """The standby list of a sold-out release: joining it, and handing a cancelled slot to the
-first person on it (`lua/standby_join.lua`, `lua/standby_offer.lua`, claim.lua's standby
-mode).
+first person on it (`lua/standby_join.lua`, `lua/standby_offer.lua` through their wrappers
+in scripts/standby.py, and claim.lua's standby mode).
 
 A handoff is safely two-phase because the person's limits live on the person's own Cluster
 slot: each step is one atomic script, and the handoff record (under the release's hash
@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from prometheus_client import Counter, Gauge
@@ -29,7 +29,7 @@ from ..releases.catalog import ReleaseCatalog
 from ..scripts.claim import ClaimRequest, ClaimScript
 from ..scripts.client import AnyRedis, reply_text
 from ..scripts.reserve import Reservation, ReserveScript
-from ..scripts.source import lua_source
+from ..scripts.standby import JoinOutcome, Refusal, StandbyScripts
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,12 @@ MAX_OFFERS_PER_PASS = 200
 
 @dataclass(frozen=True, slots=True)
 class StandbyPlace:
-    status: str  # ok, already_listed, already_claimed, not_sold_out, closed, not_found,
-    #              not_eligible
-    position: int = 0  # from 1
+    status: str  # ok (listed), not_listed
+    position: int = 0  # from 1; 0 when not listed
     length: int = 0
-    detail: str = ""  # not_eligible: "sex" or "age"
-    claim: dict[str, Any] | None = None  # `place`: the person's claim in the release
-    # `place`, not listed: why the person last left the list unbooked {reason, detail, at_ms}
+    claim: dict[str, Any] | None = None  # the person's claim in the release
+    # Not listed: why the person last left the list unbooked {reason, detail, at_ms}
     left: dict[str, Any] | None = None
-
-
-class Refusal(NamedTuple):
-    """An offer the person's limits or eligibility refused: the script's arguments 3-5."""
-
-    claim_id: str
-    reason: str  # a person_reserve.lua or claim.lua status, e.g. limit_reached
-    detail: str  # e.g. same_day_clinic
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,25 +61,16 @@ class StandbyList:
     def __init__(self, redis: AnyRedis, claims: ClaimScript, persons: ReserveScript,
                  catalog: ReleaseCatalog, decline_seconds: float) -> None:
         self._redis = redis
-        self._join = redis.register_script(
-            lua_source("eligibility.lua") + lua_source("standby_join.lua"))
-        self._offer = redis.register_script(lua_source("standby_offer.lua"))
+        self._scripts = StandbyScripts(redis)
         self._claims = claims
         self._persons = persons
         self._catalog = catalog
         self._decline_ms = int(decline_seconds * 1000)
 
     async def join(self, release_id: str, person_id: str, account_id: str, birth: int,
-                   sex: str, request_id: str = "") -> StandbyPlace:
-        status, position, length = await self._join(keys=[
-            keys.meta_key(release_id), keys.slot_day_key(release_id),
-            keys.holders_key(release_id), keys.standby_key(release_id),
-            keys.standby_people_key(release_id),
-        ], args=[person_id, account_id, birth, sex, request_id])
-        status = reply_text(status)
-        if status == "not_eligible":
-            return StandbyPlace(status, detail=reply_text(position))
-        return StandbyPlace(status, int(position), int(length))
+                   sex: str, request_id: str = "") -> JoinOutcome:
+        return await self._scripts.join(release_id, person_id, account_id, birth, sex,
+                                        request_id)
 
     async def place(self, release_id: str, person_id: str) -> StandbyPlace:
         """The person's place on the list, or the claim the person holds in the release
@@ -115,29 +96,17 @@ class StandbyList:
         empty (slot back on sale). Repeatable: a second caller finds the same offer."""
         refusal: Refusal | None = None
         for _ in range(MAX_OFFERS_PER_PASS):
-            status, payload = await self.offer(release_id, handoff_id, os.urandom(12).hex(),
-                                               refusal)
-            if status == "granted":
+            step = await self._scripts.offer(release_id, handoff_id, os.urandom(12).hex(),
+                                             refusal)
+            if step.status == "granted":
                 HANDOFFS.labels("granted").inc()
-                return HandoffResult(status, orjson.loads(payload))
-            if status in ("returned", "gone"):
-                if status == "returned":
+                return HandoffResult(step.status, step.claim)
+            if step.offer is None:  # returned (back on sale) or gone (finished elsewhere)
+                if step.status == "returned":
                     HANDOFFS.labels("returned").inc()
-                return HandoffResult(status)
-            offer = orjson.loads(payload)
-            refusal = await self._book(release_id, offer)
+                return HandoffResult(step.status)
+            refusal = await self._book(release_id, step.offer)
         return HandoffResult("pending")
-
-    async def offer(self, release_id: str, handoff_id: str, fresh_claim_id: str,
-                    refusal: Refusal | None = None) -> tuple[str, bytes]:
-        """One step of `lua/standby_offer.lua`: (status, payload)."""
-        status, payload = await self._offer(keys=[
-            keys.meta_key(release_id), keys.taken_key(release_id),
-            keys.claims_key(release_id), keys.standby_key(release_id),
-            keys.standby_people_key(release_id), keys.handoffs_key(release_id),
-            keys.outbox_key(release_id), keys.standby_left_key(release_id),
-        ], args=[handoff_id, fresh_claim_id, *(refusal or ("", "", "")), release_id])
-        return reply_text(status), payload
 
     async def _book(self, release_id: str, offer: dict[str, Any]) -> Refusal | None:
         """Reserve the person's limits, then book the held slot; the refusal when refused

@@ -17,7 +17,7 @@ import asyncpg
 
 from ..core import errors, keys
 from ..scripts.client import AnyRedis
-from ..scripts.source import lua_source
+from ..scripts.otp import OtpVerifyScript
 from ..sms.direct import DirectSms
 from .rate_limits import RateLimits
 from .resident_id import mask_resident_id, parse_resident_id
@@ -45,10 +45,6 @@ def check_name(name: object) -> str:
     return name.strip()
 
 
-def _otp_keys(phone: str) -> tuple[str, str]:
-    return f"otp:{{{phone}}}:code", f"otp:{{{phone}}}:cooldown"
-
-
 class OneTimeCodes:
     def __init__(self, redis: AnyRedis, sms: DirectSms, secret: str,
                  limits: RateLimits) -> None:
@@ -56,13 +52,13 @@ class OneTimeCodes:
         self._limits = limits
         self._sms = sms
         self._secret = secret.encode()
-        self._verify = redis.register_script(lua_source("otp_verify.lua"))
+        self._verify = OtpVerifyScript(redis)
 
     def _digest(self, phone: str, code: str) -> str:
         return hmac.new(self._secret, f"{phone}:{code}".encode(), hashlib.sha256).hexdigest()
 
     async def send(self, phone: str, client_address: str) -> None:
-        code_key, cooldown_key = _otp_keys(phone)
+        code_key, cooldown_key = keys.otp_code_key(phone), keys.otp_cooldown_key(phone)
         await self._limits.check(self._limits.of("otp", "address", client_address),
                                  message="too many codes requested from this address")
         if not await self._redis.set(cooldown_key, 1, nx=True, ex=OTP_COOLDOWN_SECONDS):
@@ -82,9 +78,7 @@ class OneTimeCodes:
     async def check(self, phone: str, code: object) -> None:
         if not isinstance(code, str) or not re.fullmatch(r"[0-9]{6}", code):
             raise errors.InvalidInput("code must be 6 digits", field="code")
-        result = await self._verify(keys=[_otp_keys(phone)[0]],
-                                    args=[self._digest(phone, code), OTP_TRIES])
-        result = result.decode() if isinstance(result, bytes) else result
+        result = await self._verify(phone, self._digest(phone, code), OTP_TRIES)
         if result == "ok":
             return
         if result == "burned":

@@ -18,15 +18,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import RedisCluster
-from redis.crc import key_slot
-
 from ..core import errors, keys
 from ..core.settings import Settings
 from ..scripts.batcher import ONE_BATCH, TickBatcher
 from ..scripts.claim import ClaimLimit
 from ..scripts.client import AnyRedis
-from ..scripts.source import lua_source
+from ..scripts.rate_limit import RateCounter, RateLimitScript
 
 # Spent claim counters a process remembers at most (a flood of distinct subjects must not
 # grow memory; past it, refusals are simply answered by the script).
@@ -71,8 +68,7 @@ def rules_from(settings: Settings) -> dict[str, Rule]:
 class RateLimits:
     def __init__(self, redis: AnyRedis, settings: Settings) -> None:
         self.rules = rules_from(settings)
-        self._cluster = isinstance(redis, RedisCluster)
-        self._script = redis.register_script(lua_source("rate_limit.lua"))
+        self._script = RateLimitScript(redis)
         self._batcher: TickBatcher[tuple[Check, ...], list[int]] = TickBatcher(
             "rate_limit", self._run)
         self._exempt = address_set(settings.rate_limit_exempt_addresses)
@@ -135,25 +131,10 @@ class RateLimits:
         await self._batcher.drain()
 
     async def _run(self, _key: str, requests: Sequence[tuple[Check, ...]]) -> list[list[int]]:
-        batch = [c for checks in requests for c in checks]
-        groups: dict[int, list[int]] = {}
-        for index, c in enumerate(batch):
-            slot = key_slot(c.rule.key(c.subject).encode()) if self._cluster else 0
-            groups.setdefault(slot, []).append(index)
-        calls = []
-        for members in groups.values():
-            script_keys: list[str] = []
-            args: list[int] = []
-            for i in members:
-                c = batch[i]
-                script_keys.append(c.rule.key(c.subject))
-                args += (c.rule.limit, c.rule.window_seconds * 1000, c.cost)
-            calls.append(self._script(keys=script_keys, args=args))
-        replies = await asyncio.gather(*calls) if len(calls) > 1 else [await calls[0]]
-        waits = [0] * len(batch)
-        for members, reply in zip(groups.values(), replies, strict=True):
-            for position, index in enumerate(members):
-                waits[index] = int(reply[position])
+        waits = await self._script([
+            RateCounter(c.rule.key(c.subject), c.rule.limit, c.rule.window_seconds * 1000,
+                        c.cost)
+            for checks in requests for c in checks])
         outcomes = []
         start = 0
         for checks in requests:
