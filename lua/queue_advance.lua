@@ -1,7 +1,7 @@
 --[[ queue_advance.lua: the prologue of every queue script (queue_join and queue_status
-are this file followed by their own part; lua/claim.lua checks and spends admissions). It advances the waiting room to
-Redis TIME, so no ticker or leader is needed: whichever call comes first does the work,
-and a process that dies leaves nothing half-done.
+are this file followed by their own part; lua/claim.lua checks and spends admissions). It
+advances the waiting room to Redis TIME, so no ticker or leader is needed: whichever call
+comes first does the work, and a process that dies leaves nothing half-done.
 
 KEYS (all under the release's hash tag {R}, one Redis Cluster slot):
   1 meta   hash  mode opens_ms closes_ms state waves slots left and the q_* fields
@@ -10,7 +10,8 @@ KEYS (all under the release's hash tag {R}, one Redis Cluster slot):
   5 line   list  persons still waiting, in admission order (head = next)
   6 pos    hash  person -> place in the admission order (1-based, never reused)
   7 who    hash  person -> "w" waiting | "a:<jti>:<expires_ms>" admitted | "u" token used
-                  | "x" token expired unused
+                  (or the person held a claim when their turn came) | "x" token expired
+                  unused
   8 live   zset  jti -> expires_ms of admissions not yet finished (unused or claiming)
   9 jtis   hash  jti -> person (unused) | "u:"..person (used) | "x:"..person (expired)
   10 outbox stream the release's outbox: one "queue.admitted" event per admission (its
@@ -27,6 +28,24 @@ an unused one is returned (its place goes to the next person); (3) while the rel
 open, persons are admitted from the head of the line at q_rate per second (at most one
 second's worth at once) and only while unfinished admissions stay at or below
 ceil(q_factor x stock released and left).
+
+ARGV: the script's own part reads them (queue_join.lua, queue_status.lua).
+
+Reply: {"not_found"} (no such release) | {"not_queue"} (its mode is not queue), before any
+step; else what the script's own part returns, in the end `report`'s 15 values:
+  1 status      the person's: "waiting" | "admitted" | "used" | "expired" | "none"
+  2 ahead       persons ahead when waiting; -1 before the shuffle or for "none", else 0
+  3 jti         "" unless admitted          4 expires_ms   0 unless admitted
+  5 release     "open" | "not_open" | "paused" | "wave_sold_out" | "sold_out" | "closed"
+  6 available   stock released and not taken
+  7 left        stock not taken (meta left, every wave)
+  8 next_wave   the next wave's time (ms), "" when none is due
+  9 waiting     persons in the pre-queue and the line
+  10 admitted   admissions made by this call
+  11 returned   admissions returned by this call (expired unused)
+  12 now        Redis TIME (ms)             13 rate        q_rate, as text
+  14 head       places of the admission order passed so far (q_head)
+  15 joined     1 when this call made the person's entry, else 0
 ]]
 
 local meta, cap, taken, pre, line, pos, who, live, jtis, outbox, holders =

@@ -1,5 +1,7 @@
 --[[ queue_join.lua (after queue_advance.lua): ARGV[1] person. One entry per person: a
-second join answers the standing of the first. Reply: see `report` (joined = 1 when new).]]
+second join answers the standing of the first.
+Reply: `report` (queue_advance.lua; joined = 1 when new) | {"closed"} | {"sold_out"} |
+{"too_early", when joining opens (ms)}, or the prologue's {"not_found"} | {"not_queue"}.]]
 local person = ARGV[1]
 if redis.call('HEXISTS', who, person) == 1 then return report(person, 0) end
 if closed then return {'closed'} end

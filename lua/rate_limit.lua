@@ -1,6 +1,6 @@
 --[[ rate_limit.lua: fixed-window request counters, a batch of them on one Cluster slot.
 
-KEYS: the counters (one per rule and subject, e.g. rl:{acct:a_1}:claims).
+KEYS: the counters (one per rule and subject, e.g. rl:{account:a_1}:lookups).
 ARGV: three values per key, in order: limit, window_ms, cost.
   cost 0 only reads the counter (a "peek": is a miss budget already spent?).
 Reply: one integer per key: 0 within the limit, else the milliseconds until its window

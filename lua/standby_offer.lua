@@ -4,9 +4,10 @@ cancel.lua holds a cancelled slot for the list (a handoff record, the slot still
 as taken, meta `held:<slot>` one higher). The gateway then repeats: this script picks the
 first person on the list and records the offer in the handoff; the gateway reserves the
 person's limits on the person's own Cluster slot and books them with claim.lua (mode
-"standby", which takes the held slot). A refused person is skipped (told by SMS through the outbox, the reason kept
-for their standby place); with the list empty the slot goes back on sale. Each step is atomic and repeatable: a gateway that dies between
-steps leaves the handoff record, which any gateway resumes (same person, same claim id).
+"standby", which takes the held slot). A refused person is skipped (told by SMS through
+the outbox, the reason kept for their standby place); with the list empty the slot goes
+back on sale. Each step is atomic and repeatable: a gateway that dies between steps
+leaves the handoff record, which any gateway resumes (same person, same claim id).
 
 KEYS (all under the release's hash tag {R}):
   1 meta        hash   left, held:<slot_id>
