@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub = stack_commands.add_parser(action, help=text, description=text)
         sub.add_argument("--dir", type=Path, default=None,
                          help="stack folder (default: $RELEASE_SERVICE_STACK_DIR or .stack)")
+        if action == "up":
+            sub.add_argument(
+                "--redis-replicas", type=int, default=None, metavar="N",
+                help="run Redis as a primary, N replicas and three sentinels that fail "
+                     "over to a replica (default: as the stack was, else 0: one Redis)")
+            sub.add_argument(
+                "--min-replicas", type=int, default=None, metavar="K",
+                help="replicas a write must reach before it is acknowledged "
+                     "(RELEASE_SERVICE_REDIS_MIN_REPLICAS; default 1 with replicas)")
+        if action == "status":
+            sub.add_argument("--json", action="store_true",
+                             help="one JSON object per component: name, role, pid, port, "
+                                  "data_dir, healthy, state")
         sub.set_defaults(run=_command(f"devtools.stack:cmd_{action}"))
 
     run = add("run", "devtools.supervisor:cmd_run",

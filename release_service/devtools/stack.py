@@ -1,5 +1,11 @@
 """The local development stack: Redis, a Kafka-protocol broker (Tansu) and PostgreSQL.
 
+Redis is one server by default. With `redis_replicas` N > 0 it is a primary
+(`redis`), N replicas (`redis-replica-1`...) and three sentinels (`sentinel-1`...) that
+fail over to a replica when the primary is lost; every Redis node then refuses writes
+unless a replica follows it (`min-replicas-to-write`), so a primary cut off from the rest
+stops taking claims. The topology is kept in `topology.json` with the ports.
+
 Each component runs detached (its own session) on a loopback port kept in
 `ports.json`, with its data, log (`logs/NAME.log`) and PID file (`NAME.pid`) in the stack
 folder (`.stack/` by default, git-ignored). `up` is idempotent: what runs and answers is
@@ -50,7 +56,15 @@ from ..core.settings import (
     write_settings_file,
 )
 
-COMPONENTS = ("redis", "kafka", "postgres")
+COMPONENTS = ("redis", "kafka", "postgres")  # the default stack, one Redis
+SENTINELS = 3
+SENTINEL_QUORUM = 2
+SENTINEL_MASTER = "release"
+# How fast the local sentinels act: the primary is down after this long without answers.
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+# A primary whose replicas have not acknowledged for this long refuses writes.
+MIN_REPLICAS_MAX_LAG = 5
 DATABASE = "release"
 DB_USER = "release"
 READY_TIMEOUT = 30.0
@@ -77,6 +91,8 @@ class ComponentStatus:
     pid: int | None
     port: int | None
     healthy: bool
+    role: str = ""  # primary, replica, sentinel, broker, database ("" when down)
+    data_dir: str = ""
 
 
 # -- binaries -------------------------------------------------------------------------
@@ -181,6 +197,20 @@ def _run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+def _redis_role(port: int) -> str:
+    """primary, replica or sentinel as the node says (ROLE), "" when it does not answer."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
+                         socket_connect_timeout=1)
+    try:
+        role = client.execute_command("ROLE")[0]
+    except redis.RedisError:
+        return ""
+    finally:
+        client.close()
+    text = role.decode() if isinstance(role, bytes) else str(role)
+    return {"master": "primary", "slave": "replica"}.get(text, text)
+
+
 def _redis_ping(port: int) -> bool:
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
                          socket_connect_timeout=1)
@@ -212,7 +242,8 @@ class Stack:
 
     def __init__(self, root: Path = DEFAULT_STACK_DIR, appendfsync: str | None = None,
                  environ: Mapping[str, str] | None = None,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT,
+                 redis_replicas: int | None = None, min_replicas: int | None = None) -> None:
         self.root = Path(root).resolve()
         self.environ = os.environ if environ is None else environ
         variable = PREFIX + "REDIS_APPENDFSYNC"
@@ -221,11 +252,51 @@ class Stack:
             raise SettingsError(f"{variable}={self.appendfsync!r}: expected everysec or always")
         self.ready_timeout = ready_timeout
         self.logs = self.root / "logs"
+        topology = self._read_topology()
+        self.redis_replicas = topology.get("redis_replicas", 0) if redis_replicas is None \
+            else redis_replicas
+        if self.redis_replicas < 0:
+            raise CommandError("--redis-replicas: expected 0 or more")
+        # The replicas a write must reach before it is acknowledged (settings' k).
+        if min_replicas is None:
+            kept = topology.get("min_replicas", 1) if redis_replicas is None else 1
+            min_replicas = min(kept, self.redis_replicas)
+        elif not 0 <= min_replicas <= self.redis_replicas:
+            raise CommandError(f"--min-replicas {min_replicas}: expected 0 to the "
+                               f"{self.redis_replicas} replicas the stack has")
+        self.min_replicas = min_replicas
         # Children started by this object, polled so that they are reaped when they exit.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._exit_codes: dict[int, int] = {}  # of children that ended, for error messages
 
     # -- bookkeeping ----------------------------------------------------------------
+    @property
+    def components(self) -> tuple[str, ...]:
+        replicas = [f"redis-replica-{i}" for i in range(1, self.redis_replicas + 1)]
+        sentinels = [f"sentinel-{i}" for i in range(1, SENTINELS + 1)] if replicas else []
+        return ("redis", *replicas, *sentinels, "kafka", "postgres")
+
+    @property
+    def redis_nodes(self) -> tuple[str, ...]:
+        """The Redis data nodes: the first primary and its replicas (roles change)."""
+        return tuple(n for n in self.components if n == "redis" or n.startswith("redis-"))
+
+    @property
+    def sentinels(self) -> tuple[str, ...]:
+        return tuple(n for n in self.components if n.startswith("sentinel-"))
+
+    def data_dir(self, name: str) -> Path:
+        return self.root / ("pg" if name == "postgres" else name)
+
+    def _read_topology(self) -> dict[str, int]:
+        path = self.root / "topology.json"
+        return orjson.loads(path.read_bytes()) if path.exists() else {}
+
+    def _write_topology(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "topology.json").write_bytes(orjson.dumps(
+            {"redis_replicas": self.redis_replicas, "min_replicas": self.min_replicas}))
+
     @property
     def settings_file(self) -> Path:
         return self.root / SETTINGS_FILE_NAME
@@ -240,7 +311,7 @@ class Stack:
     def _ports(self) -> dict[str, int]:
         """Ports of every component, chosen once and kept so a restart reuses them."""
         ports = self._read_ports()
-        missing = [name for name in COMPONENTS if name not in ports]
+        missing = [name for name in self.components if name not in ports]
         if missing:
             ports.update(zip(missing, _free_ports(len(missing)), strict=True))
             self.root.mkdir(parents=True, exist_ok=True)
@@ -274,12 +345,15 @@ class Stack:
         port = self._read_ports().get(name)
         # Redis starts as "redis-server CONFIG" and soon retitles itself
         # "redis-server 127.0.0.1:PORT"; the others keep their argv.
-        program, *marks = {
-            "redis": ("redis-server", str(self.root / "redis" / "redis.conf"),
-                      f"127.0.0.1:{port}"),
-            "kafka": ("tansu", f"tcp://127.0.0.1:{port}"),
-            "postgres": ("postgres", str(self.root / "pg")),
-        }[name]
+        if name in ("kafka", "postgres"):
+            program, *marks = {
+                "kafka": ("tansu", f"tcp://127.0.0.1:{port}"),
+                "postgres": ("postgres", str(self.root / "pg")),
+            }[name]
+        else:
+            config = "sentinel.conf" if name.startswith("sentinel-") else "redis.conf"
+            program, *marks = ("redis-server", str(self.data_dir(name) / config),
+                               f"127.0.0.1:{port}")
         words = cmdline.split()
         return pid if program in cmdline and any(m in words for m in marks) else None
 
@@ -319,7 +393,7 @@ class Stack:
     def _healthy(self, name: str, port: int) -> bool:
         if not _port_open(port):
             return False
-        if name == "redis":
+        if name not in ("kafka", "postgres"):
             return _redis_ping(port)
         if name == "kafka":
             return _run_async(lambda: _kafka_metadata(port))
@@ -361,8 +435,8 @@ class Stack:
                 log.warning("%s; starting it again", exc)
 
     def _launch(self, name: str) -> bool:
-        if name not in COMPONENTS:
-            raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}; expected one of {self.components}")
         port = self._ports()[name]
         if self._running(name) is not None:
             return False
@@ -371,25 +445,99 @@ class Stack:
             raise CommandError(
                 f"{name}: port {port} is taken by a process this stack did not start; stop "
                 f"it, or delete {self.root / 'ports.json'} to choose new ports")
-        if name == "redis":
-            self._launch_redis(port)
+        if name in self.redis_nodes:
+            self._launch_redis(name, port)
+        elif name in self.sentinels:
+            self._launch_sentinel(name, port)
         elif name == "kafka":
             self._launch_kafka(port)
         else:
             self._launch_postgres(port)
         return True
 
-    def _launch_redis(self, port: int) -> None:
-        data = self.root / "redis"
+    def _launch_redis(self, name: str, port: int) -> None:
+        data = self.data_dir(name)
         data.mkdir(parents=True, exist_ok=True)
         config = data / "redis.conf"
-        # Rewritten at every start, so a changed appendfsync applies on the next restart.
-        config.write_text("\n".join([
-            "bind 127.0.0.1", f"port {port}", f"dir {data}", "protected-mode no",
-            "daemonize no", "appendonly yes", f"appendfsync {self.appendfsync}",
-            'save ""', 'logfile ""',
-        ]) + "\n")
-        self._spawn("redis", [redis_binary(), str(config)])
+        lines = ["bind 127.0.0.1", f"port {port}", f"dir {data}", "protected-mode no",
+                 "daemonize no", "appendonly yes", f"appendfsync {self.appendfsync}",
+                 'save ""', 'logfile ""']
+        if self.redis_replicas:
+            # On every node: a replica may be the primary after a failover.
+            lines += [f"min-replicas-to-write {max(1, self.min_replicas)}",
+                      f"min-replicas-max-lag {MIN_REPLICAS_MAX_LAG}",
+                      "replica-announce-ip 127.0.0.1"]
+            primary = self.primary_port()
+            if primary is not None and primary != port:
+                lines.append(f"replicaof 127.0.0.1 {primary}")
+        # Rewritten at every start, so a changed appendfsync applies on the next restart,
+        # and a node that comes back follows the primary of the moment.
+        config.write_text("\n".join(lines) + "\n")
+        self._spawn(name, [redis_binary(), str(config)])
+
+    def _launch_sentinel(self, name: str, port: int) -> None:
+        data = self.data_dir(name)
+        data.mkdir(parents=True, exist_ok=True)
+        config = data / "sentinel.conf"
+        if not config.exists():  # a sentinel keeps its state (epochs, the primary) there
+            first = self._ports()["redis"]
+            config.write_text("\n".join([
+                "bind 127.0.0.1", f"port {port}", f"dir {data}", "protected-mode no",
+                "daemonize no", 'logfile ""', "sentinel announce-ip 127.0.0.1",
+                f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {first} {SENTINEL_QUORUM}",
+                f"sentinel down-after-milliseconds {SENTINEL_MASTER} {SENTINEL_DOWN_AFTER_MS}",
+                f"sentinel failover-timeout {SENTINEL_MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}",
+                f"sentinel parallel-syncs {SENTINEL_MASTER} 1",
+            ]) + "\n")
+        self._spawn(name, [redis_binary(), str(config), "--sentinel"])
+
+    def primary_port(self) -> int | None:
+        """The port of the Redis primary: as the sentinels say when they answer; before
+        they run, the first node; None when no sentinel answers and they ran before."""
+        if not self.redis_replicas:
+            return self._ports()["redis"]
+        ports = self._ports()
+        for name in self.sentinels:
+            client = redis.Redis(host="127.0.0.1", port=ports[name], socket_timeout=1,
+                                 socket_connect_timeout=1)
+            try:
+                address = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME",
+                                                 SENTINEL_MASTER)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            if address:
+                return int(address[1])
+        started_before = any((self.data_dir(n) / "sentinel.conf").exists()
+                             for n in self.sentinels)
+        return None if started_before else ports["redis"]
+
+    def wait_replicated(self, timeout: float | None = None) -> None:
+        """Wait until the primary has `min_replicas` replicas online and in sync."""
+        deadline = time.monotonic() + (timeout or self.ready_timeout)
+        while self.min_replicas:
+            port = self.primary_port()
+            if port is not None and self._replicas_online(port) >= self.min_replicas:
+                return
+            if time.monotonic() > deadline:
+                raise CommandError(f"the Redis primary has fewer than {self.min_replicas} "
+                                   f"replicas in sync after {self.ready_timeout:.0f} s; see "
+                                   f"{self.logs}")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _replicas_online(port: int) -> int:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
+                             socket_connect_timeout=1)
+        try:
+            info = client.info("replication")
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+        return sum(1 for key, value in info.items() if key.startswith("slave")
+                   and isinstance(value, dict) and value.get("state") == "online")
 
     def _launch_kafka(self, port: int) -> None:
         url = f"tcp://127.0.0.1:{port}"
@@ -494,6 +642,12 @@ class Stack:
             "sms_sink_path": str(self.root / "sms-sink.jsonl"),
             "redis_appendfsync": self.appendfsync,
         })
+        if self.redis_replicas:
+            values.update({
+                "redis_sentinels": ",".join(f"127.0.0.1:{ports[n]}" for n in self.sentinels),
+                "redis_sentinel_master": SENTINEL_MASTER,
+                "redis_min_replicas": str(self.min_replicas),
+            })
         return values
 
     def up(self) -> dict[str, str]:
@@ -501,10 +655,15 @@ class Stack:
         database and its schema, write settings.env; returns the values written."""
         redis_binary(), tansu_binary(), postgres_bindir()  # fail before starting anything
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:  # launch all first: they boot in parallel
+        self._write_topology()
+        # Launch all first (they boot in parallel); sentinels before the Redis nodes, so
+        # a node that comes back follows the primary they know.
+        order = [*self.sentinels, *(n for n in self.components if n not in self.sentinels)]
+        for name in order:
             self._launch(name)
-        for name in COMPONENTS:
+        for name in order:
             self._wait_ready(name)
+        self.wait_replicated()
         values = self.settings_values()
         write_settings_file(self.settings_file, values)
         _run_async(lambda: self._prepare(values))
@@ -514,7 +673,8 @@ class Stack:
         environ = {k: v for k, v in self.environ.items() if k.startswith(PREFIX)
                    and k not in {PREFIX + "SETTINGS_FILE", PREFIX + "STACK_DIR"}}
         environ[PREFIX + "SETTINGS_FILE"] = str(self.settings_file)
-        settings = load_settings(environ, **values)
+        environ.update({PREFIX + name.upper(): value for name, value in values.items()})
+        settings = load_settings(environ)
         await asyncio.gather(self._prepare_kafka(settings), self._prepare_database(settings))
 
     async def _prepare_kafka(self, settings: Settings) -> None:
@@ -544,16 +704,20 @@ class Stack:
 
     def down(self) -> None:
         """Stop every component this stack started; the data stays for the next `up`."""
-        for name in reversed(COMPONENTS):
+        for name in reversed(self.components):
             self.stop(name)
 
     def status(self) -> list[ComponentStatus]:
         ports = self._read_ports()
         rows = []
-        for name in COMPONENTS:
+        for name in self.components:
             pid, port = self._running(name), ports.get(name)
             healthy = pid is not None and port is not None and self._healthy(name, port)
-            rows.append(ComponentStatus(name, pid, port, healthy))
+            role = {"kafka": "broker", "postgres": "database"}.get(name, "")
+            if healthy and not role:
+                role = _redis_role(port)  # type: ignore[arg-type]  # healthy: a port
+            rows.append(ComponentStatus(name, pid, port, healthy, role,
+                                        str(self.data_dir(name))))
         return rows
 
 
@@ -586,7 +750,8 @@ def stack_dir(explicit: Path | None = None, environ: Mapping[str, str] | None = 
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    stack = Stack(stack_dir(args.dir))
+    stack = Stack(stack_dir(args.dir), redis_replicas=args.redis_replicas,
+                  min_replicas=args.min_replicas)
     started = time.monotonic()
     values = stack.up()
     print(f"stack up in {time.monotonic() - started:.1f} s ({stack.root})")
@@ -613,8 +778,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Prints a table; exit status 1 when a component is not healthy."""
     stack = Stack(stack_dir(args.dir))
     rows = stack.status()
-    print(f"{'component':<10} {'pid':>8} {'port':>6}  state   ({stack.root})")
+    if getattr(args, "json", False):
+        print(orjson.dumps([
+            {"name": r.name, "role": r.role, "pid": r.pid, "port": r.port,
+             "data_dir": r.data_dir, "healthy": r.healthy,
+             "state": "up" if r.healthy else ("unhealthy" if r.pid else "down")}
+            for r in rows], option=orjson.OPT_INDENT_2).decode())
+        return 0 if all(row.healthy for row in rows) else 1
+    print(f"{'component':<16} {'role':<9} {'pid':>8} {'port':>6}  state   ({stack.root})")
     for row in rows:
         state = "up" if row.healthy else ("unhealthy" if row.pid else "down")
-        print(f"{row.name:<10} {row.pid or '-':>8} {row.port or '-':>6}  {state}")
+        print(f"{row.name:<16} {row.role or '-':<9} {row.pid or '-':>8} {row.port or '-':>6}"
+              f"  {state}")
     return 0 if all(row.healthy for row in rows) else 1
