@@ -27,7 +27,7 @@ from release_service.releases.catalog import ReleaseCatalog
 from release_service.releases.definition import parse_definition
 from release_service.releases.store import create_release
 from release_service.scripts.claim import ClaimScript
-from release_service.scripts.client import redis_from_url
+from release_service.scripts.client import redis_client
 from release_service.scripts.lottery import Entrant, LotteryScripts
 from release_service.scripts.reserve import ReserveScript
 
@@ -36,7 +36,7 @@ ENTER_BATCH = 10_000
 
 async def main(entries: int, slots: int, window: float) -> None:
     settings = load_settings()
-    redis = redis_from_url(settings.redis_url)
+    redis = redis_client(settings)
     pool = await connect_pool(settings)
     now = datetime.now(UTC)
     day = now + timedelta(days=7)

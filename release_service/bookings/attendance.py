@@ -110,7 +110,7 @@ async def no_shows_forever(pool: asyncpg.Pool, redis: AnyRedis, zone: Any,
 def cmd_no_shows(args: argparse.Namespace) -> int:
     from ..core.db import connect_pool
     from ..core.settings import load_settings
-    from ..scripts.client import redis_from_url
+    from ..scripts.client import check_topology, redis_client
 
     settings = load_settings()
     now = datetime.fromisoformat(args.now) if args.now else datetime.now(settings.zone)
@@ -118,8 +118,9 @@ def cmd_no_shows(args: argparse.Namespace) -> int:
         now = now.replace(tzinfo=settings.zone)
 
     async def run() -> dict[str, int]:
+        await check_topology(settings)
         pool = await connect_pool(settings, max_size=2)
-        redis = redis_from_url(settings.redis_url)
+        redis = redis_client(settings)
         try:
             return await no_show_pass(pool, redis, now, settings.zone)
         finally:

@@ -87,3 +87,6 @@ NotOpen = _error("NotOpen", 425, "not_open", "The release is not open yet")
 Paused = _error("Paused", 425, "paused", "The release is paused")
 RateLimited = _error("RateLimited", 429, "rate_limited", "Too many requests")
 Unavailable = _error("Unavailable", 503, "unavailable", "Temporarily unavailable")
+# A write the Redis replicas did not confirm in time (redis_min_replicas): not told as done.
+ReplicasBehind = _error("ReplicasBehind", 503, "replicas_behind",
+                        "The write has not reached enough Redis replicas yet")

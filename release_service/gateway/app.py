@@ -27,7 +27,7 @@ from ..scripts.batcher import TickBatcher
 from ..scripts.booking_codes import code_keys
 from ..scripts.cancel import CancelScript
 from ..scripts.claim import ClaimScript
-from ..scripts.client import redis_from_url
+from ..scripts.client import redis_client
 from ..scripts.queue import QueueScripts
 from ..scripts.reserve import ReserveScript
 from ..sms.direct import DirectSms
@@ -60,7 +60,7 @@ from .probes import KafkaProbe
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    redis = redis_from_url(settings.redis_url)
+    redis = redis_client(settings)
     await redis.ping()
     app[REDIS] = redis
     yield
@@ -92,18 +92,21 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, redis = app[SETTINGS], app[REDIS]
-    claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret))
+    # Claims (admissions, standby hand-overs, lottery winners) and cancellations are told
+    # to residents: acknowledged once on this many replicas.
+    replicas = (settings.redis_min_replicas, settings.redis_replica_timeout_ms)
+    claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret, *replicas))
     persons = ReserveScript(redis)
     reservations = TickBatcher("reserve", persons.reserve)
     app[CLAIMS], app[RESERVATIONS], app[RESERVE_SCRIPT] = claims, reservations, persons
     app[UNRESERVE] = TickBatcher("unreserve", persons.unreserve_batch)
-    app[CANCELS] = CancelScript(redis)
+    app[CANCELS] = CancelScript(redis, *replicas)
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
     app[WAITING_ROOM] = QueueScripts(redis)
-    app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret), persons,
+    app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret, *replicas), persons,
                                app[CATALOG], settings.standby_decline_seconds)
-    app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret), persons,
+    app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret, *replicas), persons,
                            app[CATALOG], settings.code_secret)
     stopping = asyncio.Event()
     background = [

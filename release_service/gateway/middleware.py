@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.errors import PROBLEM_CONTENT_TYPE, NotFound, ServiceError, Unavailable
@@ -25,6 +26,16 @@ log = logging.getLogger("release_service.gateway")
 # reply was lost this way is not acknowledged; a retry with its Idempotency-Key replays it.
 ENGINE_DOWN = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnectionError,
                asyncpg.CannotConnectNowError, asyncpg.InterfaceError, OSError)
+
+# Replies of a Redis node in a failover: a primary without the replicas it needs
+# (min-replicas-to-write), a node demoted to replica, a Cluster shard without a primary.
+FAILOVER_REPLIES = ("NOREPLICAS", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
+
+
+def engine_down(exc: BaseException) -> bool:
+    return isinstance(exc, ENGINE_DOWN) or (
+        isinstance(exc, RedisResponseError) and str(exc).startswith(FAILOVER_REPLIES))
+
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Request ids: unique per process start, cheap to make (no syscall per request).
@@ -113,18 +124,20 @@ def gateway_middleware(limit: int) -> Any:
             response = problem_response(exc.status, _http_problem(exc), request_id)
             if "Allow" in exc.headers:  # a 405 names the methods the path has (RFC 9110)
                 response.headers["Allow"] = exc.headers["Allow"]
-        except ENGINE_DOWN as exc:  # Redis or PostgreSQL unreachable or restarting
-            log.warning("%s %s (request %s): engine unavailable: %s", request.method,
-                        _route_name(request), request_id, type(exc).__name__)
-            failure = Unavailable("a backing service is unavailable; try again shortly",
-                                  retry_after=1)
-            response = problem_response(503, failure.body(), request_id, failure.retry_after)
-        except Exception:
-            log.exception("unhandled error on %s %s (request %s)",
-                          request.method, _route_name(request), request_id)
-            failure = ServiceError("unexpected error; quote the request id",
-                                   request_id=request_id)
-            response = problem_response(500, failure.body(), request_id)
+        except Exception as exc:
+            if engine_down(exc):  # Redis or PostgreSQL unreachable, restarting, failing over
+                log.warning("%s %s (request %s): engine unavailable: %s", request.method,
+                            _route_name(request), request_id, type(exc).__name__)
+                failure = Unavailable("a backing service is unavailable; try again shortly",
+                                      retry_after=1)
+                response = problem_response(503, failure.body(), request_id,
+                                            failure.retry_after)
+            else:
+                log.exception("unhandled error on %s %s (request %s)",
+                              request.method, _route_name(request), request_id)
+                failure = ServiceError("unexpected error; quote the request id",
+                                       request_id=request_id)
+                response = problem_response(500, failure.body(), request_id)
         finally:
             if counted:
                 in_flight -= 1

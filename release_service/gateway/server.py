@@ -22,6 +22,7 @@ from aiohttp import web
 
 from ..core.logs import configure_logging
 from ..core.settings import Settings, load_settings
+from ..scripts.client import check_topology
 from .app import create_app
 
 log = logging.getLogger("release_service.gateway")
@@ -80,6 +81,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.processes is not None:
         overrides["gateway_processes"] = args.processes
     settings = dataclasses.replace(load_settings(), **overrides)  # type: ignore[arg-type]
+    asyncio.run(check_topology(settings))
     configure_logging(settings.log_level)
     log.info("gateway listening on http://%s:%d with %d process(es)",
              settings.http_host, settings.http_port, settings.gateway_processes)

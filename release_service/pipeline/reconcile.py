@@ -43,7 +43,7 @@ from ..core.aio import wait_event
 from ..core.db import connect_pool
 from ..core.kafka import kafka_producer, unread
 from ..core.settings import Settings, load_settings
-from ..scripts.client import AnyRedis, redis_from_url
+from ..scripts.client import AnyRedis, check_topology, redis_client
 from ..scripts.restore import RestoreScript
 from .outbox import OutboxEntry, active_release_ids, parse_entry, publish
 
@@ -152,14 +152,21 @@ class Reconciler:
         # What this process republished and when: once per grace period, not every pass.
         self._republished_at: dict[str, float] = {}
         self._restore = RestoreScript(redis, settings.code_secret)
-        # Run ids of the Redis servers at the last finished pass; None: none yet.
+        # Run ids and replication ids of the Redis primaries at the last finished pass;
+        # None: none yet.
         self._run_ids: frozenset[str] | None = None
 
     async def _server_run_ids(self) -> frozenset[str]:
-        return frozenset(_run_ids(await self._redis.info("server")))
+        """Who the primaries are: a restart changes a server's run id, a failover (a
+        replica promoted, perhaps without the old primary's last writes) its run id and
+        replication id."""
+        server, replication = await asyncio.gather(self._redis.info("server"),
+                                                   self._redis.info("replication"))
+        return frozenset(_run_ids(server)) | frozenset(_run_ids(replication, "master_replid"))
 
     async def redis_restarted(self) -> bool:
-        """A Redis server restarted (or this is the first pass): it may lack writes."""
+        """A Redis primary restarted or was replaced by a failover (or this is the first
+        pass): it may lack writes."""
         return await self._server_run_ids() != self._run_ids
 
     def _due(self, key: str) -> bool:
@@ -342,15 +349,15 @@ class Reconciler:
         return sum(sent)
 
 
-def _run_ids(info: Any) -> Iterator[str]:
-    """The run_id of every server in an INFO reply (one server, or one dict per Cluster
+def _run_ids(info: Any, field: str = "run_id") -> Iterator[str]:
+    """`field` of every server in an INFO reply (one server, or one dict per Cluster
     node)."""
     if isinstance(info, dict):
         for name, value in info.items():
-            if name == "run_id":
-                yield str(value)
+            if name == field:
+                yield f"{field}:{value}"
             else:
-                yield from _run_ids(value)
+                yield from _run_ids(value, field)
 
 
 def _entry(release_id: str, event: bytes) -> OutboxEntry:
@@ -393,7 +400,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def main() -> ReconcileReport:
-        redis = redis_from_url(settings.redis_url)
+        await check_topology(settings)
+        redis = redis_client(settings)
         pool = await connect_pool(settings, max_size=2)
         producer = kafka_producer(settings)
         await producer.start()

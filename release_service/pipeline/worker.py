@@ -18,7 +18,7 @@ from ..core.logs import configure_logging
 from ..core.metrics import watch_event_loop
 from ..core.metrics_server import start_metrics_server
 from ..core.settings import Settings, load_settings
-from ..scripts.client import redis_from_url
+from ..scripts.client import check_topology, redis_client
 from .reconcile import reconcile_forever
 from .relay import Relay
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -> None:
     """A relay with its own Redis client and producer (plus reconcile on a timer)."""
     stop = stopping or asyncio.Event()
-    redis = redis_from_url(settings.redis_url)
+    redis = redis_client(settings)
     producer = kafka_producer(settings)
     while True:
         try:
@@ -68,6 +68,7 @@ async def run_relay(settings: Settings, stopping: asyncio.Event | None = None) -
 
 def cmd_relay(args: argparse.Namespace) -> int:
     settings = load_settings()
+    asyncio.run(check_topology(settings))
     configure_logging(settings.log_level)
     start_metrics_server(settings, "relay")
 

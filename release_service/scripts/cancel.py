@@ -9,6 +9,7 @@ import orjson
 
 from ..core import keys
 from .client import AnyRedis
+from .replicated import ReplicatedScript
 from .source import lua_source
 
 
@@ -25,8 +26,10 @@ class CancelOutcome:
 
 
 class CancelScript:
-    def __init__(self, redis: AnyRedis) -> None:
-        self._script = redis.register_script(lua_source("cancel.lua"))
+    def __init__(self, redis: AnyRedis, min_replicas: int = 0,
+                 replica_timeout_ms: int = 500) -> None:
+        self._script = ReplicatedScript(redis, lua_source("cancel.lua"), min_replicas,
+                                        replica_timeout_ms)
 
     async def __call__(self, release_id: str, claim_id: str, account_id: str, *,
                        decline: bool = False) -> CancelOutcome:

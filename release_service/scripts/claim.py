@@ -15,6 +15,7 @@ import orjson
 from ..core import keys
 from .booking_codes import code_keys
 from .client import AnyRedis, reply_text
+from .replicated import ReplicatedScript
 from .source import SEPARATOR, lua_source
 
 
@@ -73,8 +74,10 @@ def release_keys(release_id: str) -> tuple[str, ...]:
 class ClaimScript:
     """Loaded once per client; redis-py calls it by SHA and reloads it after NOSCRIPT."""
 
-    def __init__(self, redis: AnyRedis, code_secret: str) -> None:
-        self._script = redis.register_script(lua_source("claim.lua"))
+    def __init__(self, redis: AnyRedis, code_secret: str, min_replicas: int = 0,
+                 replica_timeout_ms: int = 500) -> None:
+        self._script = ReplicatedScript(redis, lua_source("claim.lua"), min_replicas,
+                                        replica_timeout_ms)
         self._code_keys = code_keys(code_secret)
 
     async def __call__(

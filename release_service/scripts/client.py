@@ -1,9 +1,11 @@
-"""Redis connections: one client per process, standalone or Cluster chosen by the URL."""
+"""Redis connections: one client per process, for one server, a primary found through
+Redis Sentinel (followed across failovers), or a Redis Cluster."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -14,11 +16,19 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..core.settings import PREFIX, Settings, SettingsError
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 
@@ -82,16 +92,99 @@ class _Unix(_HiredisPacking, UnixDomainSocketConnection):
     pass
 
 
+class _SentinelManaged(_HiredisPacking, SentinelManagedConnection):
+    pass
+
+
 _HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _TCP, SSLConnection: _TLS, UnixDomainSocketConnection: _Unix}
+
+# A primary that is gone refuses or drops connections; one whose machine vanished
+# answers nothing: connecting is bounded, and keep-alive finds a dead peer.
+CONNECT_TIMEOUT = 1.0
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The primary's connections as Sentinel names it, from a blocking pool (as for one
+    server): idle connections to a primary that was replaced are dropped, and a
+    connection that finds its server demoted (READONLY) reconnects to the new one."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()  # its own clients of the sentinels
+
+
+def redis_client(settings: Settings, *, max_connections: int = 64) -> AnyRedis:
+    """The client for the settings' topology: Sentinel when `redis_sentinels` is set,
+    else by `redis_url` (one server, or `redis+cluster://`)."""
+    if not settings.redis_sentinels:
+        return redis_from_url(settings.redis_url, max_connections=max_connections)
+    url = urlsplit(settings.redis_url)
+    db = int(url.path.strip("/") or 0)
+    pool = _BlockingSentinelPool(
+        settings.redis_sentinel_master, sentinels_of(settings),
+        connection_class=_SentinelManaged,
+        max_connections=max_connections, timeout=5, db=db, password=url.password,
+        username=url.username, socket_keepalive=True,
+        socket_connect_timeout=CONNECT_TIMEOUT, retry=_retry(),
+        retry_on_error=list(RETRIED), health_check_interval=30)
+    return Redis.from_pool(pool)  # closing the client closes the pool and its sentinels
+
+
+def sentinels_of(settings: Settings) -> Sentinel:
+    sentinels = []
+    for part in settings.redis_sentinels.split(","):
+        host, _, port = part.strip().rpartition(":")
+        sentinels.append((host, int(port)))
+    timeouts = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
+    return Sentinel(sentinels, sentinel_kwargs=timeouts)
+
+
+async def check_topology(settings: Settings) -> None:
+    """At start: a sentinel list none of which answers, a primary name they do not
+    monitor, or more `redis_min_replicas` than the primary has replicas is one clear
+    SettingsError naming the setting, not a stream of 503s later."""
+    if settings.redis_min_replicas and settings.redis_url.startswith(CLUSTER_SCHEME):
+        raise SettingsError(f"{PREFIX}REDIS_MIN_REPLICAS={settings.redis_min_replicas}: "
+                            "not with Redis Cluster (WAIT needs the write's connection, "
+                            "which the cluster client does not share); use Sentinel")
+    if settings.redis_sentinels:
+        sentinel = sentinels_of(settings)
+        try:
+            await sentinel.discover_master(settings.redis_sentinel_master)
+        except MasterNotFoundError as exc:
+            if "Error" in str(exc):  # every sentinel failed to answer
+                raise SettingsError(f"{PREFIX}REDIS_SENTINELS={settings.redis_sentinels!r}: "
+                                    "no sentinel answers") from None
+            raise SettingsError(
+                f"{PREFIX}REDIS_SENTINEL_MASTER={settings.redis_sentinel_master!r}: the "
+                "sentinels monitor no primary of that name (or it is down)") from None
+        finally:
+            await sentinel.aclose()
+    if settings.redis_min_replicas:
+        redis = redis_client(settings, max_connections=1)
+        try:
+            replicas = int((await redis.info("replication")).get("connected_slaves", 0))
+        finally:
+            await redis.aclose()
+        if replicas < settings.redis_min_replicas:
+            raise SettingsError(
+                f"{PREFIX}REDIS_MIN_REPLICAS={settings.redis_min_replicas}: the primary has "
+                f"{replicas} replica(s) connected")
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3)
+
+
+RETRIED = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
 
 
 def redis_from_url(url: str, *, max_connections: int = 64) -> AnyRedis:
     """`redis+cluster://host:port` selects redis-py's cluster client; anything else is one
     server. Commands retry on connection errors with backoff (bounded), so a Redis restart
     costs callers a short wait, not an exception, while it is short."""
-    retry = Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3)
-    errors = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
+    retry, errors = _retry(), RETRIED
     if url.startswith(CLUSTER_SCHEME):
         # Per node, and without a blocking pool: room for every in-flight script call.
         return RedisCluster.from_url(
