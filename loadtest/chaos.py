@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -52,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -63,7 +65,7 @@ from release_service.core import keys
 from release_service.core.settings import Settings, load_settings, write_settings_file
 from release_service.devtools.seed import seed_users
 from release_service.devtools.stack import Stack
-from release_service.scripts.client import redis_from_url, reply_hash
+from release_service.scripts.client import redis_client, reply_hash
 
 BIN = Path(sys.executable).parent / "release-service"
 SETTLE_SECONDS = 120.0
@@ -89,6 +91,9 @@ class Outcome:
     recover_s: float
     lost_claims: list[str]
     mode: str = "first_come"
+    # From the fault to the first request sent after it that was answered 201 (None:
+    # none was).
+    resumed_s: float | None = None
     admitted: int = 0
     admissions_persisted: int = 0
     admissions_lost: int = 0
@@ -109,15 +114,17 @@ class Outcome:
 class Chaos:
     """One stack and one set of service processes, shared by the scenarios."""
 
-    def __init__(self, folder: Path, appendfsync: str) -> None:
+    def __init__(self, folder: Path, appendfsync: str, redis_replicas: int = 0) -> None:
         self.folder = folder
-        self.stack = Stack(folder / "stack", appendfsync=appendfsync)
+        self.stack = Stack(folder / "stack", appendfsync=appendfsync,
+                           redis_replicas=redis_replicas)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- processes ---------------------------------------------------------------------
     def setup(self, residents: int) -> None:
         values = self.stack.up()
-        self.settings: Settings = load_settings(environ={}, **values)
+        self.settings: Settings = load_settings(environ={
+            f"RELEASE_SERVICE_{k.upper()}": v for k, v in values.items()})
         self.port = free_port()
         self.settings_file = self.folder / "chaos.env"
         write_settings_file(self.settings_file, {
@@ -177,25 +184,62 @@ class Chaos:
                 opens = time.monotonic() + opens_in
                 await asyncio.gather(*(join(session, base, release_id, token, person)
                                        for person, token in self.people))
-                self.aof_mark = self.stack.redis_aof_tail().stat().st_size
+                self.aof_mark = self._aof_size()
                 spike = asyncio.gather(*(queued_claim(session, base, release_id, token, person)
                                          for person, token in self.people))
                 await asyncio.sleep(max(0.0, opens - time.monotonic()))
             else:
                 release_id = await self.create_release(session, base, stock)
                 # The AOF's size before the spike: where a simulated OS crash cuts it back to.
-                self.aof_mark = self.stack.redis_aof_tail().stat().st_size
+                self.aof_mark = self._aof_size()
                 spike = asyncio.gather(*(claim(session, base, release_id, token, person)
                                          for person, token in self.people))
             await asyncio.sleep(0.15)  # a moment into the spike
-            inject(self)
+            injected_at = time.monotonic()
+            # On a thread: a fault that takes seconds (two failovers) must not stop the
+            # residents' requests meanwhile.
+            await asyncio.to_thread(inject, self)
             await asyncio.sleep(1.0)
-            restore(self)
+            await asyncio.to_thread(restore, self)
             restored = time.monotonic()
             answers = await spike
         acknowledged = {a["claim_id"]: a["code"] for a in answers if a is not None}
-        return await self.count(name, injected, release_id, len(self.people), stock,
-                                acknowledged, restored, mode)
+        after = [a["sent"] for a in answers if a is not None and a["sent"] > injected_at]
+        outcome = await self.count(name, injected, release_id, len(self.people), stock,
+                                   acknowledged, restored, mode)
+        outcome.resumed_s = round(min(after) - injected_at, 1) if after else None
+        return outcome
+
+    def _aof_size(self) -> int:
+        """The first Redis node's AOF size (what an OS crash cuts back to); 0 with replicas,
+        where the primary moves and that scenario does not run."""
+        return 0 if self.stack.redis_replicas else \
+            self.stack.redis_aof_tail().stat().st_size
+
+    def primary(self) -> str:
+        """The stack component that is the Redis primary now."""
+        port = self.stack.primary_port()
+        ports = {self.stack._ports()[n]: n for n in self.stack.redis_nodes}
+        if port is None or port not in ports:
+            raise RuntimeError("no sentinel names a Redis primary")
+        return ports[port]
+
+    def lose(self, node: str) -> None:
+        """The machine is gone: SIGKILL, and its data folder emptied."""
+        self.stack.stop(node, signal.SIGKILL)
+        for item in self.stack.data_dir(node).iterdir():
+            if item.name != "redis.conf":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+    def wait_promoted(self, old: str, timeout: float = 30.0) -> str:
+        """Wait until the sentinels name a primary other than `old`; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):
+                if (now := self.primary()) != old:
+                    return now
+            time.sleep(0.1)
+        raise RuntimeError(f"no replica was promoted within {timeout:.0f} s of losing {old}")
 
     async def create_release(self, session: aiohttp.ClientSession, base: str, stock: int,
                              mode: str = "first_come", opens_in: float = -60.0) -> str:
@@ -226,7 +270,7 @@ class Chaos:
                     stock: int, acknowledged: dict[str, str], restored: float,
                     mode: str = "first_come") -> Outcome:
         db = await asyncpg.connect(self.settings.database_url)
-        redis = redis_from_url(self.settings.redis_url)
+        redis = redis_client(self.settings)
         assert isinstance(redis, Redis)  # the stack this harness starts runs one Redis
         jtis_key = keys.queue_keys(release_id)["jtis"]
         try:
@@ -333,7 +377,7 @@ async def admission(session: aiohttp.ClientSession, base: str, release_id: str, 
 
 
 async def queued_claim(session: aiohttp.ClientSession, base: str, release_id: str,
-                       token: str, person: str) -> dict[str, str] | None:
+                       token: str, person: str) -> dict[str, Any] | None:
     """A queued resident's app: wait for the admission, then claim with it."""
     admission_token = await admission(session, base, release_id, token, person)
     if admission_token is None:
@@ -343,18 +387,20 @@ async def queued_claim(session: aiohttp.ClientSession, base: str, release_id: st
 
 
 async def claim(session: aiohttp.ClientSession, base: str, release_id: str, token: str,
-                person: str, extra: dict[str, str] | None = None) -> dict[str, str] | None:
+                person: str, extra: dict[str, str] | None = None) -> dict[str, Any] | None:
     """A resident's app: one Idempotency-Key, retried on connection failures and 503."""
     headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": secrets.token_hex(8)}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        sent = time.monotonic()
         try:
             async with session.post(f"{base}/v1/releases/{release_id}/claims",
                                     json={"person_id": person, **(extra or {})},
                                     headers=headers) as response:
                 if response.status == 201:
                     body = await response.json()
-                    return {"claim_id": body["claim_id"], "code": body["code"]}
+                    return {"claim_id": body["claim_id"], "code": body["code"],
+                            "sent": sent}
                 if response.status not in (503, 429):
                     return None  # sold out, or refused for good
         except (TimeoutError, aiohttp.ClientError):
@@ -413,6 +459,49 @@ def _stall(role: str) -> tuple[Callable[[Chaos], None], Callable[[Chaos], None]]
             lambda chaos: send(chaos, signal.SIGCONT))
 
 
+def _lose_primary(times: int) -> tuple[Callable[[Chaos], None], Callable[[Chaos], None]]:
+    """The Redis primary's machine lost `times` times in a row, each after the sentinels
+    promoted a replica; the lost nodes come back empty, as replicas."""
+    lost: list[str] = []
+
+    def inject(chaos: Chaos) -> None:
+        lost.clear()
+        for i in range(times):
+            node = chaos.primary()
+            chaos.lose(node)
+            lost.append(node)
+            if i < times - 1:
+                chaos.wait_promoted(node)
+                chaos.stack.wait_replicated()
+
+    def restore(chaos: Chaos) -> None:
+        chaos.wait_promoted(lost[-1])
+        for node in lost:
+            chaos.stack.start(node)  # empty: a full resync from the new primary
+        chaos.stack.wait_replicated()
+    return inject, restore
+
+
+def _lose_replica(chaos: Chaos) -> None:
+    primary = chaos.primary()
+    replica = next(n for n in chaos.stack.redis_nodes if n != primary)
+    chaos.stack.stop(replica, signal.SIGKILL)
+
+
+def _restart_replicas(chaos: Chaos) -> None:
+    for node in chaos.stack.redis_nodes:
+        chaos.stack.start(node)
+
+
+# Scenarios of the high-availability stack (a primary, replicas and sentinels).
+HA_SCENARIOS = {
+    "redis-primary-lost": ("SIGKILL the Redis primary and empty its data folder (the machine "
+                           "is gone); a replica is promoted", *_lose_primary(1)),
+    "redis-replica-lost": ("SIGKILL one Redis replica", _lose_replica, _restart_replicas),
+    "redis-failover-twice": ("lose the Redis primary, then the new primary",
+                             *_lose_primary(2)),
+}
+
 # Acknowledged claims this scenario loses are measured and named, not a broken promise:
 # appendfsync everysec does not promise to survive an OS crash.
 OS_CRASH = "redis-os-crash"
@@ -436,20 +525,22 @@ SCENARIOS: dict[str, tuple[str, Callable[[Chaos], None], Callable[[Chaos], None]
     "broker+sms+gateway": ("SIGKILL broker, SMS consumer and a gateway process at once",
                            _kill("kafka", "sms", "gateway-child"),
                            _restart("kafka", "sms", "gateway-child")),
+    **HA_SCENARIOS,
 }
 
 
 def table(outcomes: list[Outcome]) -> str:
     queued = any(o.mode == "queue" for o in outcomes)
     head = (f"{'scenario':<22}{'acked':>7}{'persisted':>10}{'sms':>6}{'oversold':>9}"
-            f"{'dup':>5}{'lost':>6}{'recover_s':>10}")
+            f"{'dup':>5}{'lost':>6}{'recover_s':>10}{'resumed_s':>10}")
     if queued:
         head += (f"{'admitted':>9}{'adm_persisted':>14}{'adm_lost':>9}{'adm_twice':>10}"
                  f"{'unadmitted':>11}")
     lines = [head, "-" * len(head)]
     for o in outcomes:
         line = (f"{o.scenario:<22}{o.acknowledged:>7}{o.persisted:>10}{o.sms:>6}"
-                f"{o.oversold:>9}{o.duplicated:>5}{o.lost:>6}{o.recover_s:>10.1f}")
+                f"{o.oversold:>9}{o.duplicated:>5}{o.lost:>6}{o.recover_s:>10.1f}"
+                f"{'-' if o.resumed_s is None else o.resumed_s:>10}")
         if queued:
             line += (f"{o.admitted:>9}{o.admissions_persisted:>14}{o.admissions_lost:>9}"
                      f"{o.admitted_twice:>10}{o.unadmitted:>11}")
@@ -458,10 +549,16 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def run(names: list[str], residents: int, stock: int, appendfsync: str,
-        keep: bool = False, mode: str = "first_come") -> list[Outcome]:
+        keep: bool = False, mode: str = "first_come", redis_replicas: int = 0
+        ) -> list[Outcome]:
+    on_ha = [n for n in names if n in HA_SCENARIOS]
+    if on_ha and not redis_replicas:
+        raise ValueError(f"{', '.join(on_ha)} need a stack with Redis replicas")
+    if redis_replicas and OS_CRASH in names:
+        raise ValueError(f"{OS_CRASH} runs on the single-Redis stack")
     folder = Path(tempfile.mkdtemp(prefix="release-chaos-"))
     folder.chmod(0o755)  # PostgreSQL runs as another user when we are root
-    chaos = Chaos(folder, appendfsync)
+    chaos = Chaos(folder, appendfsync, redis_replicas)
     try:
         chaos.setup(residents)
         outcomes = []
@@ -490,16 +587,28 @@ def main() -> int:
                              "waiting room, polls, and claims once admitted")
     parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
                         help="Redis AOF fsync policy for the run")
+    parser.add_argument("--redis-replicas", type=int, default=0, metavar="N",
+                        help="run on the high-availability stack: a Redis primary, N "
+                             "replicas, three sentinels, writes acknowledged on one replica "
+                             f"(needed by {', '.join(HA_SCENARIOS)})")
+    parser.add_argument("--runs", type=int, default=1, help="run the scenarios this often")
     parser.add_argument("--json", type=Path, help="also write the outcomes here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the scratch folder (the processes' logs) afterwards")
     args = parser.parse_args()
-    names = list(SCENARIOS) if args.scenarios == "all" else args.scenarios.split(",")
+    if args.scenarios == "all":
+        names = list(HA_SCENARIOS) if args.redis_replicas else \
+            [n for n in SCENARIOS if n not in HA_SCENARIOS]
+    else:
+        names = args.scenarios.split(",")
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(unknown)}")
-    outcomes = run(names, args.residents, args.stock, args.appendfsync, args.keep,
-                   args.mode)
+    try:
+        outcomes = run(names * args.runs, args.residents, args.stock, args.appendfsync,
+                       args.keep, args.mode, args.redis_replicas)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(table(outcomes))
     if args.json:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
