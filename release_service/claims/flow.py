@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from ..core import errors
+from ..core.errors import ReplicasBehind
 from ..core.metrics import claim_result
 from ..gateway.appkeys import (
     CATALOG,
@@ -43,7 +44,7 @@ from ..releases.catalog import ReleaseView
 from ..releases.store import add_code_block
 from ..scripts.batcher import ONE_BATCH
 from ..scripts.claim import ClaimLimit, ClaimOutcome, ClaimRequest
-from ..scripts.reserve import Reservation
+from ..scripts.reserve import Reservation, ReserveOutcome
 from .answers import claim_body, local_refusal, refusal
 
 MAX_IDEMPOTENCY_KEY = 128
@@ -149,7 +150,7 @@ async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
     """Reserve the person's booking (limits and bans), then claim; the reservation is
     removed again unless the claim won. A refused reservation is raised as its 4xx."""
     release_id, claim_id = reservation.release_id, request.claim_id
-    reserved = await app[RESERVATIONS].submit(ONE_BATCH, reservation)
+    reserved = await _reserve(app, reservation, claim_id)
     outcome = NO_REPLAY
     for _ in range(TWIN_WAIT_STEPS if request.idempotency_key else 0):
         if reserved.status == "ok":
@@ -160,20 +161,36 @@ async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
         if outcome.status == "replay" or reserved.status != "already_claimed":
             break
         await asyncio.sleep(TWIN_WAIT_SECONDS)
-        reserved = await app[RESERVATIONS].submit(ONE_BATCH, reservation)
+        reserved = await _reserve(app, reservation, claim_id)
     if reserved.status != "ok" and outcome.status != "replay":
         error = refusal(reserved.status, reserved.detail, release_id, app[SETTINGS].zone)
         claim_result(error.code).inc()
         raise error
     if reserved.status == "ok":
-        won = False
+        keep = False
         try:
             outcome = await app[CLAIMS].submit(release_id, request)
-            won = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+            keep = outcome.claim is not None and outcome.claim["claim_id"] == claim_id
+        except ReplicasBehind:
+            # The claim may stand (on the primary, not yet on its replicas): fail closed,
+            # so that the keyed retry finds the reservation taken and replays the claim.
+            keep = True
+            raise
         finally:
-            if not won:  # refused, or failed: the reservation must not count
+            if not keep:  # refused, or failed: the reservation must not count
                 await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, claim_id))
     return outcome
+
+
+async def _reserve(app: web.Application, reservation: Reservation,
+                   claim_id: str) -> ReserveOutcome:
+    try:
+        return await app[RESERVATIONS].submit(ONE_BATCH, reservation)
+    except ReplicasBehind:
+        # Made, perhaps, but not confirmed, and no claim followed: it must not block the
+        # retry (on Redis Cluster the person's shard waits for its own replicas).
+        await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, claim_id))
+        raise
 
 
 async def _answer(app: web.Application, view: ReleaseView, outcome: ClaimOutcome,

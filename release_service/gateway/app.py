@@ -96,7 +96,7 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     # to residents: acknowledged once on this many replicas.
     replicas = (settings.redis_min_replicas, settings.redis_replica_timeout_ms)
     claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret, *replicas))
-    persons = ReserveScript(redis)
+    persons = ReserveScript(redis, *replicas)
     reservations = TickBatcher("reserve", persons.reserve)
     app[CLAIMS], app[RESERVATIONS], app[RESERVE_SCRIPT] = claims, reservations, persons
     app[UNRESERVE] = TickBatcher("unreserve", persons.unreserve_batch)

@@ -3,6 +3,7 @@ Redis Sentinel (followed across failovers), or a Redis Cluster."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -22,10 +23,11 @@ from redis.asyncio.sentinel import (
     SentinelConnectionPool,
     SentinelManagedConnection,
 )
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.settings import PREFIX, Settings, SettingsError
@@ -93,7 +95,17 @@ class _Unix(_HiredisPacking, UnixDomainSocketConnection):
 
 
 class _SentinelManaged(_HiredisPacking, SentinelManagedConnection):
-    pass
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOREPLICAS") or not self.connection_pool.is_master:
+                raise
+            # A primary without a replica in sync: cut off from the rest (the sentinels
+            # promote another) or just promoted. Ask the sentinels again on reconnect.
+            await self.disconnect()
+            raise RedisConnectionError(f"{self.host}:{self.port} has no replica in "
+                                       "sync (NOREPLICAS)") from exc
 
 
 _HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
@@ -131,23 +143,31 @@ def redis_client(settings: Settings, *, max_connections: int = 64) -> AnyRedis:
     return Redis.from_pool(pool)  # closing the client closes the pool and its sentinels
 
 
+async def follow_primary(redis: AnyRedis) -> None:
+    """After a write the replicas did not confirm: ask the sentinels who the primary is;
+    when it changed, idle connections to the old one are dropped (a primary cut off from
+    its replicas keeps answering the connections that reach it)."""
+    pool = redis.connection_pool if isinstance(redis, Redis) else None
+    if isinstance(pool, SentinelConnectionPool):
+        with contextlib.suppress(RedisConnectionError):
+            await pool.get_master_address()
+
+
 def sentinels_of(settings: Settings) -> Sentinel:
     sentinels = []
     for part in settings.redis_sentinels.split(","):
         host, _, port = part.strip().rpartition(":")
         sentinels.append((host, int(port)))
-    timeouts = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
-    return Sentinel(sentinels, sentinel_kwargs=timeouts)
+    # One try per sentinel: asking the next one is the retry.
+    kwargs = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+              "retry": Retry(NoBackoff(), 0)}
+    return Sentinel(sentinels, sentinel_kwargs=kwargs)
 
 
 async def check_topology(settings: Settings) -> None:
     """At start: a sentinel list none of which answers, a primary name they do not
-    monitor, or more `redis_min_replicas` than the primary has replicas is one clear
+    monitor, or more `redis_min_replicas` than a primary has replicas is one clear
     SettingsError naming the setting, not a stream of 503s later."""
-    if settings.redis_min_replicas and settings.redis_url.startswith(CLUSTER_SCHEME):
-        raise SettingsError(f"{PREFIX}REDIS_MIN_REPLICAS={settings.redis_min_replicas}: "
-                            "not with Redis Cluster (WAIT needs the write's connection, "
-                            "which the cluster client does not share); use Sentinel")
     if settings.redis_sentinels:
         sentinel = sentinels_of(settings)
         try:
@@ -164,9 +184,13 @@ async def check_topology(settings: Settings) -> None:
     if settings.redis_min_replicas:
         redis = redis_client(settings, max_connections=1)
         try:
-            replicas = int((await redis.info("replication")).get("connected_slaves", 0))
+            info = await redis.info("replication")
         finally:
             await redis.aclose()
+        # One server's INFO, or one per Cluster node (replicas report 0 of their own).
+        shards = [info] if "connected_slaves" in info else \
+            [i for i in info.values() if i.get("role") == "master"]
+        replicas = min(int(i.get("connected_slaves", 0)) for i in shards)
         if replicas < settings.redis_min_replicas:
             raise SettingsError(
                 f"{PREFIX}REDIS_MIN_REPLICAS={settings.redis_min_replicas}: the primary has "

@@ -9,19 +9,36 @@ What this does not promise (WAIT is no consensus): a write that reached k replic
 still be lost if the failover promotes a replica that was not among them, and a write
 WAIT gave up on may survive. With one primary, replication is a single ordered stream, so
 a WAIT also covers every write that primary took before it (the person's reservation
-before the claim).
+before the claim); on Redis Cluster only the writes of the same shard.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.errors import ReplicasBehind
-from .client import AnyRedis
+from .client import AnyRedis, follow_primary
+
+# A Cluster shard that moved or failed over: its slot map is fetched again and the call
+# repeated (NOSCRIPT, MOVED and ASK mean the script did not run there). Past these
+# attempts the call fails as a connection error, answered 503.
+CLUSTER_ATTEMPTS = 5
+CLUSTER_MOVED = (AskError, ClusterDownError, TryAgainError)  # MovedError is an AskError
 
 
 class ReplicatedScript:
@@ -29,11 +46,6 @@ class ReplicatedScript:
 
     def __init__(self, redis: AnyRedis, source: str, min_replicas: int = 0,
                  timeout_ms: int = 500) -> None:
-        if min_replicas and isinstance(redis, RedisCluster):
-            # WAIT must share the script's connection; redis-py's cluster client gives
-            # no such pair of commands to one node.
-            raise ValueError("redis_min_replicas > 0 needs one server or Sentinel, not "
-                             "Redis Cluster")
         self._redis = redis
         self._script = redis.register_script(source)
         self.min_replicas = min_replicas
@@ -42,6 +54,8 @@ class ReplicatedScript:
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         if not self.min_replicas:
             return await self._script(keys=keys, args=args)
+        if isinstance(self._redis, RedisCluster):
+            return await self._on_cluster(self._redis, keys, args)
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             pipe.evalsha(self._script.sha, len(keys), *keys, *args)
@@ -52,13 +66,54 @@ class ReplicatedScript:
                 # script did not run, so loading it and calling again is safe.
                 await self._redis.script_load(self._script.script)
                 continue
-            if isinstance(reply, BaseException):
-                raise reply
-            if isinstance(acknowledged, BaseException):
-                raise acknowledged
-            if int(acknowledged) < self.min_replicas:
-                raise ReplicasBehind(
-                    f"the write reached {acknowledged} of the {self.min_replicas} replicas "
-                    "it needs; retry with the same Idempotency-Key", retry_after=1)
-            return reply
+            return await self._confirmed(reply, acknowledged)
         raise AssertionError("unreachable")
+
+    async def _on_cluster(self, redis: RedisCluster, keys: Sequence[Any],
+                          args: Sequence[Any]) -> Any:
+        """The same pair on the shard that owns the keys: redis-py's cluster pipeline
+        sends a keyless WAIT elsewhere, so the pair goes to the key's node as one batch on
+        one of its connections (as that pipeline does per node)."""
+        for attempt in range(CLUSTER_ATTEMPTS):
+            await redis.initialize()  # a no-op once the slot map is known
+            node = redis.get_node_from_key(keys[0])
+            if node is None:
+                raise RedisConnectionError(f"no Redis Cluster node owns {keys[0]!r}")
+            commands = [PipelineCommand(0, "EVALSHA", self._script.sha, len(keys), *keys,
+                                        *args),
+                        PipelineCommand(1, "WAIT", self.min_replicas, self._timeout_ms)]
+            try:
+                await node.execute_pipeline(commands)
+            # AttributeError: redis-py's node connection, failing to connect to a node
+            # that is down, can leave its writer unset and fail on it.
+            except (RedisConnectionError, RedisTimeoutError, OSError, AttributeError):
+                await self._remap(redis, attempt)
+                continue
+            reply, acknowledged = commands[0].result, commands[1].result
+            if isinstance(reply, NoScriptError):
+                await node.execute_command("SCRIPT", "LOAD", self._script.script)
+                continue
+            if isinstance(reply, (*CLUSTER_MOVED, RedisConnectionError, RedisTimeoutError)):
+                await self._remap(redis, attempt)
+                continue
+            return await self._confirmed(reply, acknowledged)
+        raise RedisConnectionError(f"the Redis Cluster shard of {keys[0]!r} did not answer "
+                                   f"in {CLUSTER_ATTEMPTS} attempts (failing over?)")
+
+    @staticmethod
+    async def _remap(redis: RedisCluster, attempt: int) -> None:
+        await asyncio.sleep(0.05 * 2 ** attempt)
+        with contextlib.suppress(RedisError, OSError):  # the next attempt says
+            await redis.nodes_manager.initialize()
+
+    async def _confirmed(self, reply: Any, acknowledged: Any) -> Any:
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(acknowledged, BaseException):
+            raise acknowledged
+        if int(acknowledged) < self.min_replicas:
+            await follow_primary(self._redis)
+            raise ReplicasBehind(
+                f"the write reached {acknowledged} of the {self.min_replicas} replicas it "
+                "needs; retry with the same Idempotency-Key", retry_after=1)
+        return reply

@@ -12,6 +12,7 @@ from redis.crc import key_slot
 
 from ..core import keys
 from .client import AnyRedis
+from .replicated import ReplicatedScript
 from .source import SEPARATOR, lua_source
 
 if TYPE_CHECKING:  # the limits are the person's rules; this only passes them on
@@ -46,10 +47,15 @@ def packed(r: Reservation) -> str:
 
 
 class ReserveScript:
-    def __init__(self, redis: AnyRedis) -> None:
+    def __init__(self, redis: AnyRedis, min_replicas: int = 0,
+                 replica_timeout_ms: int = 500) -> None:
         self._redis = redis
         self._cluster = isinstance(redis, RedisCluster)
-        self._reserve = redis.register_script(lua_source("person_reserve.lua"))
+        # On one primary the claim's WAIT, after this, covers the reservation too; on a
+        # Cluster the person's shard is another, and waits for its own replicas.
+        self._reserve = ReplicatedScript(redis, lua_source("person_reserve.lua"),
+                                         min_replicas if self._cluster else 0,
+                                         replica_timeout_ms)
 
     async def reserve(self, _key: str, batch: Sequence[Reservation]) -> list[ReserveOutcome]:
         """One script call per Cluster slot of the batch: a single call on one Redis."""
