@@ -175,3 +175,9 @@ RELEASE_EVENTS_CHANNEL = "releases:events"
 
 OUTBOX_GROUP = "relay"
 """Consumer group name of the relays on every outbox stream."""
+
+
+def relay_heartbeat_key(relay_name: str) -> str:
+    """String: a relay's last read (ms), written before it waits for the replicas.
+    Lifetime: a minute."""
+    return f"relay:{relay_name}:heartbeat"

@@ -14,17 +14,19 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from ..core import keys
 from ..core.aio import wait_event
 from ..core.kafka import ensure_topics
 from ..core.settings import Settings
-from ..scripts.client import AnyRedis
+from ..scripts.client import AnyRedis, follow_primary
 from .outbox import OutboxEntry, active_release_ids, parse_entry, publish
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,20 @@ class Relay:
             start = "0" if rid in self._retry else ">"
             pipe.xreadgroup(keys.OUTBOX_GROUP, self.name, {keys.outbox_key(rid): start},
                             count=READ_COUNT)
+        replicated = self._replicas_confirm(pipe)
         replies = await pipe.execute(raise_on_error=False)
+        if replicated:
+            acknowledged = replies.pop()
+            replies.pop()  # the heartbeat
+            if not isinstance(acknowledged, int) or acknowledged < replicated:
+                # What was read may exist only on this primary (a write answered 503, or
+                # a primary cut off from the rest): published, it could become a booking
+                # the promoted replica never had. Read again once the replicas have it.
+                log.warning("outbox entries not yet on %d replica(s) (%s); not published",
+                            replicated, acknowledged)
+                self._retry.update(self._streams)
+                await follow_primary(self._redis)
+                return []
         entries: list[OutboxEntry] = []
         for rid, reply in zip(self._streams, replies, strict=True):
             if isinstance(reply, ResponseError):
@@ -122,6 +137,19 @@ class Relay:
                 if rid in self._retry and not got:
                     self._retry.discard(rid)
         return entries
+
+    def _replicas_confirm(self, pipe: Any) -> int:
+        """With `redis_min_replicas` = k on one primary: a write of this connection and
+        WAIT k end the read's pipeline, so the entries read are published only once k
+        replicas have everything up to them (WAIT counts the replicas that have this
+        connection's last write, and the replication stream is ordered). Returns k, or 0
+        where it does not apply (k = 0; on Redis Cluster each shard has its own stream)."""
+        k = self._settings.redis_min_replicas
+        if not k or isinstance(self._redis, RedisCluster):
+            return 0
+        pipe.set(keys.relay_heartbeat_key(self.name), int(time.time() * 1000), px=60_000)
+        pipe.execute_command("WAIT", k, self._settings.redis_replica_timeout_ms)
+        return k
 
     async def _take_over_dead_relays(self) -> list[OutboxEntry]:
         entries: list[OutboxEntry] = []
