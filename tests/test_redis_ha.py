@@ -42,7 +42,7 @@ def ha_stack() -> Iterator[Stack]:
     stack = Stack(folder, redis_replicas=2)
     try:
         stack._write_topology()
-        for name in stack.redis_nodes + stack.sentinels:
+        for name in stack.sentinels + stack.redis_nodes:  # as `up` does
             stack.start(name)
         stack.wait_replicated()
         yield stack

@@ -40,6 +40,8 @@ import orjson
 import redis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..cli import CommandError
 from ..core import topics
@@ -197,10 +199,16 @@ def _run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+def _probe(port: int) -> redis.Redis:
+    """A client for one look at a node: no retries (a node that is not up answers at
+    once with a refusal, and the caller polls)."""
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
+                       socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+
+
 def _redis_role(port: int) -> str:
     """primary, replica or sentinel as the node says (ROLE), "" when it does not answer."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
-                         socket_connect_timeout=1)
+    client = _probe(port)
     try:
         role = client.execute_command("ROLE")[0]
     except redis.RedisError:
@@ -212,8 +220,7 @@ def _redis_role(port: int) -> str:
 
 
 def _redis_ping(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
-                         socket_connect_timeout=1)
+    client = _probe(port)
     try:
         return bool(client.ping())
     except redis.RedisError:  # refused, or still loading the AOF
@@ -498,8 +505,7 @@ class Stack:
             return self._ports()["redis"]
         ports = self._ports()
         for name in self.sentinels:
-            client = redis.Redis(host="127.0.0.1", port=ports[name], socket_timeout=1,
-                                 socket_connect_timeout=1)
+            client = _probe(ports[name])
             try:
                 address = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME",
                                                  SENTINEL_MASTER)
@@ -528,8 +534,7 @@ class Stack:
 
     @staticmethod
     def _replicas_online(port: int) -> int:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
-                             socket_connect_timeout=1)
+        client = _probe(port)
         try:
             info = client.info("replication")
         except redis.RedisError:
