@@ -16,6 +16,10 @@ wrk (a non-Python load generator, so the generator is not the bottleneck) on loo
               every request is a different resident
 - sold_out    our claim endpoint on a sold-out release (answered from the local view)
 - not_open    our claim endpoint before the opening
+- claim_win_replicated, claim_win_replica_ack
+              claim_win with one Redis replica attached, acknowledged by the primary alone
+              (k = 0), then only once the replica has the write (k = 1: WAIT 1 in the
+              claim's round trip)
 - naive_sql   the naive relational design: 50 clients, SELECT ... FOR UPDATE on the stock
               row, update, insert the booking, commit
 
@@ -57,7 +61,7 @@ import asyncpg
 from tqdm import tqdm
 
 from release_service.core.settings import Settings, load_settings, write_settings_file
-from release_service.devtools.stack import Stack
+from release_service.devtools.stack import Stack, redis_binary
 from release_service.people.tokens import PersonGrant, TokenCodec
 
 HERE = Path(__file__).resolve().parent
@@ -323,6 +327,10 @@ class Bench:
         win_file = self.residents_file(expected, "winners")
         if self.args.limits_cost:
             return self.limits_cost(win_file)
+        if self.args.replica_cost:
+            for _ in range(self.args.rounds):
+                self.replica_ack()
+            return self.replica_cost()
         spike_file = self.residents_file(20_000, "spike")
         pids = [self.gateway.pid]
         sold_out = self.create_release(0)
@@ -355,6 +363,7 @@ class Bench:
         for process, _ in self.references.values():
             stop_process(process)  # idle from here on: leave the cores to the rest
         claimed.update(self.fsync_always(pids))
+        claimed.update(self.replica_ack())
         asyncio.run(self.naive_sql())
         self.pipeline(claimed, spike_file)
         self.ratios()
@@ -396,6 +405,53 @@ class Bench:
             client.config_set("appendfsync", "everysec")
             client.close()
         return {release: int(self.admin_view(release)["claimed"])}  # type: ignore[call-overload]
+
+    def replica_cost(self) -> Report:
+        """--replica-cost: k = 1 against k = 0, the median of the rounds."""
+        rounds: dict[str, list[Row]] = {}
+        for row in self.report.rows:
+            rounds.setdefault(row.name, []).append(row)
+        self.report.summary = [median_row(measured) for measured in rounds.values()]
+        self.report.ratios = {"claim_win_replica_ack / claim_win_replicated": statistics.median(
+            a.requests_per_s / b.requests_per_s for a, b in zip(
+                rounds["claim_win_replica_ack"], rounds["claim_win_replicated"], strict=True))}
+        return self.report
+
+    def replica_ack(self) -> dict[str, int]:
+        """The winning path with one replica attached: acknowledged by the primary alone
+        (k = 0), then only once the replica has the write (k = 1); the replica is
+        detached again afterwards."""
+        import redis
+
+        primary = redis.Redis.from_url(self.settings.redis_url)
+        port, folder = free_port(), self.folder / "replica"
+        folder.mkdir()
+        replica = self.start(redis_binary(), "--bind", "127.0.0.1", "--port", str(port),
+                             "--dir", str(folder), "--appendonly", "yes", "--save", "",
+                             "--protected-mode", "no", "--replicaof", "127.0.0.1",
+                             str(primary.connection_pool.connection_kwargs["port"]))
+        taken: dict[str, int] = {}
+        try:
+            deadline = time.monotonic() + 60
+            while primary.info("replication").get("slave0", {}).get("state") != "online":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not come online")
+                time.sleep(0.1)
+            for name, k in (("claim_win_replicated", 0), ("claim_win_replica_ack", 1)):
+                self.restart_gateway(redis_min_replicas=k)
+                winners = self.residents_file(int(self.args.duration * 12_000) + 10_000,
+                                              name)
+                release = self.create_release(1_000_000)
+                self.measure(name, self.base, {
+                    "CLAIMS_FILE": str(winners),
+                    "CLAIM_PATH": f"/v1/releases/{release}/claims"}, [self.gateway.pid],
+                    f"one replica attached, k = {k}")
+                taken[release] = int(self.admin_view(release)["claimed"])  # type: ignore[call-overload]
+        finally:
+            self.restart_gateway(redis_min_replicas=0)
+            stop_process(replica)
+            primary.close()
+        return taken
 
     async def naive_sql(self, clients: int = 50) -> None:
         """SELECT ... FOR UPDATE on the stock row, update, insert the booking, commit."""
@@ -538,6 +594,9 @@ class Bench:
             rows["claim_win_fsync_always"].requests_per_s / win.requests_per_s,
             "consumer rows/s / claim_win": self.report.pipeline["consumer_rows_per_s"]
             / win.requests_per_s,
+            "claim_win_replica_ack / claim_win_replicated":
+            rows["claim_win_replica_ack"].requests_per_s
+            / rows["claim_win_replicated"].requests_per_s,
         }
         self.report.ratios = ratios
         self.report.targets = {
@@ -548,6 +607,8 @@ class Bench:
             "claim_win >= 40 x naive_sql": ratios["claim_win / naive_sql"] >= 40,
             "Redis CPU < 25% at claim_win": (win.redis_cpu_percent or 0) < 25,
             "consumer >= 3 x claim_win": ratios["consumer rows/s / claim_win"] >= 3,
+            "k = 1 >= 0.85 x k = 0": ratios["claim_win_replica_ack / claim_win_replicated"]
+            >= 0.85,
         }
         issue_ceiling = ISSUE_REQUESTS_PER_S["minimal"]
         self.report.calibration = {
@@ -639,6 +700,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, help="gateway processes")
     parser.add_argument("--limits-cost", action="store_true",
                         help="only claim_win, with the claim rate limits and without")
+    parser.add_argument("--replica-cost", action="store_true",
+                        help="only claim_win with one Redis replica attached, acknowledged "
+                             "by the primary alone and once the replica has it (k = 0, 1)")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="folder for bench.json and bench.png")
     args = parser.parse_args()
@@ -652,8 +716,9 @@ def main() -> int:
     finally:
         bench.close()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.limits_cost:
-        (args.out / "limits-cost.json").write_text(json.dumps(asdict(report), indent=2))
+    if args.limits_cost or args.replica_cost:
+        name = "limits-cost" if args.limits_cost else "replica-cost"
+        (args.out / f"{name}.json").write_text(json.dumps(asdict(report), indent=2))
         print(table(report))
         return 0
     (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))

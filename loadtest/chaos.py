@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -549,8 +549,9 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def run(names: list[str], residents: int, stock: int, appendfsync: str,
-        keep: bool = False, mode: str = "first_come", redis_replicas: int = 0
-        ) -> list[Outcome]:
+        keep: bool = False, mode: str = "first_come", redis_replicas: int = 0,
+        modes: Sequence[str] = ()) -> list[Outcome]:
+    """Every scenario in `mode` (or in each of `modes`, on the same stack)."""
     on_ha = [n for n in names if n in HA_SCENARIOS]
     if on_ha and not redis_replicas:
         raise ValueError(f"{', '.join(on_ha)} need a stack with Redis replicas")
@@ -562,8 +563,9 @@ def run(names: list[str], residents: int, stock: int, appendfsync: str,
     try:
         chaos.setup(residents)
         outcomes = []
-        for name in tqdm(names, desc="chaos scenarios", unit="scenario", file=sys.stderr):
-            outcomes.append(asyncio.run(chaos.run(name, stock, mode)))
+        runs = [(name, m) for m in (modes or (mode,)) for name in names]
+        for name, m in tqdm(runs, desc="chaos scenarios", unit="scenario", file=sys.stderr):
+            outcomes.append(asyncio.run(chaos.run(name, stock, m)))
         return outcomes
     finally:
         chaos.close()

@@ -2,7 +2,9 @@
 mid-spike and restarted from its AOF, then relay, bookings consumer and Redis killed
 together; no acknowledged claim lost, nothing oversold or doubled, every SMS sent. In
 queue mode the three are killed together just after the opening: no admission lost or
-doubled, no booking without its admission."""
+doubled, no booking without its admission. On the high-availability stack (a primary,
+two replicas, three sentinels, k = 1) the primary's machine is lost mid-spike, in both
+modes: a replica takes over and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
@@ -36,6 +38,16 @@ def test_queue_mode_keeps_every_promise():
     assert o.admitted == o.admissions_persisted >= o.stock, o
     assert (o.oversold, o.duplicated, o.lost) == (0, 0, 0), o
     assert (o.admissions_lost, o.admitted_twice, o.unadmitted) == (0, 0, 0), o
+
+
+def test_losing_the_redis_primary_keeps_every_promise():
+    outcomes = run(["redis-primary-lost"], residents=300, stock=100, appendfsync="everysec",
+                   redis_replicas=2, modes=("first_come", "queue"))
+    for o in outcomes:
+        print(o)
+        assert o.acknowledged == o.stock == o.persisted == o.sms, o
+        assert (o.oversold, o.duplicated, o.lost) == (0, 0, 0), o
+        assert not o.broken, o
 
 
 def test_admission_counts_name_each_broken_promise():
