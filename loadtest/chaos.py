@@ -114,11 +114,13 @@ class Outcome:
 class Chaos:
     """One stack and one set of service processes, shared by the scenarios."""
 
-    def __init__(self, folder: Path, appendfsync: str, redis_replicas: int = 0) -> None:
+    def __init__(self, folder: Path, appendfsync: str, redis_replicas: int = 0,
+                 partition_proxy: bool = False) -> None:
         self.folder = folder
         self.stack = Stack(folder / "stack", appendfsync=appendfsync,
-                           redis_replicas=redis_replicas)
+                           redis_replicas=redis_replicas, partition_proxy=partition_proxy)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.partitioned_at = 0.0
 
     # -- processes ---------------------------------------------------------------------
     def setup(self, residents: int) -> None:
@@ -175,6 +177,8 @@ class Chaos:
     # -- one scenario ------------------------------------------------------------------
     async def run(self, name: str, stock: int, mode: str = "first_come") -> Outcome:
         injected, inject, restore = SCENARIOS[name]
+        if name == PARTITIONED:  # the proxied node must be the primary when it is cut off
+            await asyncio.to_thread(self.make_primary, "redis")
         base = f"http://127.0.0.1:{self.port}"
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=500)) as session:
@@ -218,11 +222,34 @@ class Chaos:
 
     def primary(self) -> str:
         """The stack component that is the Redis primary now."""
-        port = self.stack.primary_port()
-        ports = {self.stack._ports()[n]: n for n in self.stack.redis_nodes}
-        if port is None or port not in ports:
+        node = self.stack.primary_node()
+        if node is None:
             raise RuntimeError("no sentinel names a Redis primary")
-        return ports[port]
+        return node
+
+    def make_primary(self, node: str, timeout: float = 30.0) -> None:
+        """Fail over to `node` (the other replicas may not be chosen meanwhile)."""
+        if self.primary() == node:
+            return
+        others = [n for n in self.stack.redis_nodes if n != node]
+        ports = self.stack._ports()
+        for other in others:
+            subprocess.run(["redis-cli", "-p", str(ports[other]), "config", "set",
+                            "replica-priority", "0"], check=True, capture_output=True)
+        try:
+            subprocess.run(["redis-cli", "-p", str(ports[self.stack.sentinels[0]]),
+                            "sentinel", "failover", "release"], check=True,
+                           capture_output=True)
+            deadline = time.monotonic() + timeout
+            while self.primary() != node:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node} was not promoted within {timeout:.0f} s")
+                time.sleep(0.1)
+        finally:
+            for other in others:
+                subprocess.run(["redis-cli", "-p", str(ports[other]), "config", "set",
+                                "replica-priority", "100"], check=False, capture_output=True)
+        self.stack.wait_replicated()
 
     def lose(self, node: str) -> None:
         """The machine is gone: SIGKILL, and its data folder emptied."""
@@ -482,6 +509,30 @@ def _lose_primary(times: int) -> tuple[Callable[[Chaos], None], Callable[[Chaos]
     return inject, restore
 
 
+# How long the first primary stays cut off: past the sentinels' failover and past
+# min-replicas-max-lag, when it refuses writes by itself.
+PARTITION_SECONDS = 8.0
+
+
+def _partition(chaos: Chaos) -> None:
+    chaos.stack.partition(True)
+    chaos.partitioned_at = time.monotonic()
+
+
+def _heal(chaos: Chaos) -> None:
+    chaos.wait_promoted("redis")
+    time.sleep(max(0.0, chaos.partitioned_at + PARTITION_SECONDS - time.monotonic()))
+    chaos.stack.partition(False)  # the sentinels demote it: its lone writes are dropped
+    port = chaos.stack._ports()["redis"]
+    deadline = time.monotonic() + 30
+    while subprocess.run(["redis-cli", "-p", str(port), "role"], capture_output=True,
+                         check=False, text=True).stdout.split()[:1] != ["slave"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the old primary did not become a replica after the heal")
+        time.sleep(0.1)
+    chaos.stack.wait_replicated()
+
+
 def _lose_replica(chaos: Chaos) -> None:
     primary = chaos.primary()
     replica = next(n for n in chaos.stack.redis_nodes if n != primary)
@@ -493,6 +544,7 @@ def _restart_replicas(chaos: Chaos) -> None:
         chaos.stack.start(node)
 
 
+PARTITIONED = "redis-partitioned-primary"
 # Scenarios of the high-availability stack (a primary, replicas and sentinels).
 HA_SCENARIOS = {
     "redis-primary-lost": ("SIGKILL the Redis primary and empty its data folder (the machine "
@@ -500,6 +552,9 @@ HA_SCENARIOS = {
     "redis-replica-lost": ("SIGKILL one Redis replica", _lose_replica, _restart_replicas),
     "redis-failover-twice": ("lose the Redis primary, then the new primary",
                              *_lose_primary(2)),
+    PARTITIONED: ("cut the Redis primary off from its replicas and the sentinels (its "
+                  f"clients still reach it) for {PARTITION_SECONDS:.0f} s", _partition,
+                  _heal),
 }
 
 # Acknowledged claims this scenario loses are measured and named, not a broken promise:
@@ -559,7 +614,7 @@ def run(names: list[str], residents: int, stock: int, appendfsync: str,
         raise ValueError(f"{OS_CRASH} runs on the single-Redis stack")
     folder = Path(tempfile.mkdtemp(prefix="release-chaos-"))
     folder.chmod(0o755)  # PostgreSQL runs as another user when we are root
-    chaos = Chaos(folder, appendfsync, redis_replicas)
+    chaos = Chaos(folder, appendfsync, redis_replicas, partition_proxy=PARTITIONED in names)
     try:
         chaos.setup(residents)
         outcomes = []

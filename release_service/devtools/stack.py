@@ -4,7 +4,10 @@ Redis is one server by default. With `redis_replicas` N > 0 it is a primary
 (`redis`), N replicas (`redis-replica-1`...) and three sentinels (`sentinel-1`...) that
 fail over to a replica when the primary is lost; every Redis node then refuses writes
 unless a replica follows it (`min-replicas-to-write`), so a primary cut off from the rest
-stops taking claims. The topology is kept in `topology.json` with the ports.
+stops taking claims. The topology is kept in `topology.json` with the ports. For
+partition tests the first primary can sit behind a proxy (`redis-proxy`,
+`devtools/partition.py`) through which everything reaches it; `partition()` cuts it off
+from the sentinels and replicas while its clients still reach it.
 
 Each component runs detached (its own session) on a loopback port kept in
 `ports.json`, with its data, log (`logs/NAME.log`) and PID file (`NAME.pid`) in the stack
@@ -27,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +67,12 @@ SENTINELS = 3
 SENTINEL_QUORUM = 2
 SENTINEL_MASTER = "release"
 # How fast the local sentinels act: the primary is down after this long without answers.
-SENTINEL_DOWN_AFTER_MS = 1000
+# (At 1000 ms about one failover in six promoted a second replica two seconds later.)
+SENTINEL_DOWN_AFTER_MS = 2000
 SENTINEL_FAILOVER_TIMEOUT_MS = 5000
 # A primary whose replicas have not acknowledged for this long refuses writes.
 MIN_REPLICAS_MAX_LAG = 5
+PROXY_MODULE = "release_service.devtools.partition"
 DATABASE = "release"
 DB_USER = "release"
 READY_TIMEOUT = 30.0
@@ -250,7 +256,8 @@ class Stack:
     def __init__(self, root: Path = DEFAULT_STACK_DIR, appendfsync: str | None = None,
                  environ: Mapping[str, str] | None = None,
                  ready_timeout: float = READY_TIMEOUT,
-                 redis_replicas: int | None = None, min_replicas: int | None = None) -> None:
+                 redis_replicas: int | None = None, min_replicas: int | None = None,
+                 partition_proxy: bool | None = None) -> None:
         self.root = Path(root).resolve()
         self.environ = os.environ if environ is None else environ
         variable = PREFIX + "REDIS_APPENDFSYNC"
@@ -272,6 +279,10 @@ class Stack:
             raise CommandError(f"--min-replicas {min_replicas}: expected 0 to the "
                                f"{self.redis_replicas} replicas the stack has")
         self.min_replicas = min_replicas
+        self.partition_proxy = bool(topology.get("partition_proxy", False)
+                                    if partition_proxy is None else partition_proxy)
+        if self.partition_proxy and not self.redis_replicas:
+            raise CommandError("a partition proxy needs Redis replicas to fail over to")
         # Children started by this object, polled so that they are reaped when they exit.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._exit_codes: dict[int, int] = {}  # of children that ended, for error messages
@@ -281,16 +292,34 @@ class Stack:
     def components(self) -> tuple[str, ...]:
         replicas = [f"redis-replica-{i}" for i in range(1, self.redis_replicas + 1)]
         sentinels = [f"sentinel-{i}" for i in range(1, SENTINELS + 1)] if replicas else []
-        return ("redis", *replicas, *sentinels, "kafka", "postgres")
+        proxy = ["redis-proxy"] if self.partition_proxy else []
+        return ("redis", *proxy, *replicas, *sentinels, "kafka", "postgres")
 
     @property
     def redis_nodes(self) -> tuple[str, ...]:
         """The Redis data nodes: the first primary and its replicas (roles change)."""
-        return tuple(n for n in self.components if n == "redis" or n.startswith("redis-"))
+        return tuple(n for n in self.components if n == "redis" or n.startswith("redis-r"))
 
     @property
     def sentinels(self) -> tuple[str, ...]:
         return tuple(n for n in self.components if n.startswith("sentinel-"))
+
+    def reach_port(self, node: str) -> int:
+        """The port the others reach a Redis data node at (its proxy's, if it has one)."""
+        ports = self._ports()
+        return ports["redis-proxy"] if node == "redis" and self.partition_proxy else ports[node]
+
+    def primary_node(self) -> str | None:
+        """The data node that is the primary now, as the sentinels say."""
+        port = self.primary_port()
+        return next((n for n in self.redis_nodes if self.reach_port(n) == port), None)
+
+    def partition(self, cut: bool) -> None:
+        """Cut the first primary off from the sentinels and replicas (True), or heal."""
+        pid = self.pid("redis-proxy")
+        if pid is None:
+            raise CommandError("this stack has no partition proxy")
+        os.kill(pid, signal.SIGUSR1 if cut else signal.SIGUSR2)
 
     def data_dir(self, name: str) -> Path:
         return self.root / ("pg" if name == "postgres" else name)
@@ -302,7 +331,8 @@ class Stack:
     def _write_topology(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "topology.json").write_bytes(orjson.dumps(
-            {"redis_replicas": self.redis_replicas, "min_replicas": self.min_replicas}))
+            {"redis_replicas": self.redis_replicas, "min_replicas": self.min_replicas,
+             "partition_proxy": self.partition_proxy}))
 
     @property
     def settings_file(self) -> Path:
@@ -352,10 +382,11 @@ class Stack:
         port = self._read_ports().get(name)
         # Redis starts as "redis-server CONFIG" and soon retitles itself
         # "redis-server 127.0.0.1:PORT"; the others keep their argv.
-        if name in ("kafka", "postgres"):
+        if name in ("kafka", "postgres", "redis-proxy"):
             program, *marks = {
                 "kafka": ("tansu", f"tcp://127.0.0.1:{port}"),
                 "postgres": ("postgres", str(self.root / "pg")),
+                "redis-proxy": (PROXY_MODULE, str(port)),
             }[name]
         else:
             config = "sentinel.conf" if name.startswith("sentinel-") else "redis.conf"
@@ -400,6 +431,8 @@ class Stack:
     def _healthy(self, name: str, port: int) -> bool:
         if not _port_open(port):
             return False
+        if name == "redis-proxy":
+            return True
         if name not in ("kafka", "postgres"):
             return _redis_ping(port)
         if name == "kafka":
@@ -456,6 +489,9 @@ class Stack:
             self._launch_redis(name, port)
         elif name in self.sentinels:
             self._launch_sentinel(name, port)
+        elif name == "redis-proxy":
+            self._spawn(name, [sys.executable, "-m", PROXY_MODULE, str(port),
+                               str(self._ports()["redis"])])
         elif name == "kafka":
             self._launch_kafka(port)
         else:
@@ -474,8 +510,10 @@ class Stack:
             lines += [f"min-replicas-to-write {max(1, self.min_replicas)}",
                       f"min-replicas-max-lag {MIN_REPLICAS_MAX_LAG}",
                       "replica-announce-ip 127.0.0.1"]
+            if self.reach_port(name) != port:  # the others know it by its proxy's port
+                lines.append(f"replica-announce-port {self.reach_port(name)}")
             primary = self.primary_port()
-            if primary is not None and primary != port:
+            if primary is not None and primary != self.reach_port(name):
                 lines.append(f"replicaof 127.0.0.1 {primary}")
         # Rewritten at every start, so a changed appendfsync applies on the next restart,
         # and a node that comes back follows the primary of the moment.
@@ -487,7 +525,7 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         config = data / "sentinel.conf"
         if not config.exists():  # a sentinel keeps its state (epochs, the primary) there
-            first = self._ports()["redis"]
+            first = self.reach_port("redis")
             config.write_text("\n".join([
                 "bind 127.0.0.1", f"port {port}", f"dir {data}", "protected-mode no",
                 "daemonize no", 'logfile ""', "sentinel announce-ip 127.0.0.1",
@@ -517,7 +555,7 @@ class Stack:
                 return int(address[1])
         started_before = any((self.data_dir(n) / "sentinel.conf").exists()
                              for n in self.sentinels)
-        return None if started_before else ports["redis"]
+        return None if started_before else self.reach_port("redis")
 
     def wait_replicated(self, timeout: float | None = None) -> None:
         """Wait until the primary has `min_replicas` replicas online and in sync."""
@@ -718,7 +756,8 @@ class Stack:
         for name in self.components:
             pid, port = self._running(name), ports.get(name)
             healthy = pid is not None and port is not None and self._healthy(name, port)
-            role = {"kafka": "broker", "postgres": "database"}.get(name, "")
+            role = {"kafka": "broker", "postgres": "database", "redis-proxy": "proxy"}.get(
+                name, "")
             if healthy and not role:
                 role = _redis_role(port)  # type: ignore[arg-type]  # healthy: a port
             rows.append(ComponentStatus(name, pid, port, healthy, role,

@@ -189,14 +189,20 @@ class ReleaseCatalog:
             self._wake.clear()
 
     async def listen(self) -> None:
-        """Wake the poll at once when any gateway or admin announces a change."""
+        """Wake the poll at once when any gateway or admin announces a change (messages
+        published while Redis fails over are missed; the poll covers them)."""
         while True:
             try:
                 pubsub = self._redis.pubsub()
                 async with pubsub:
                     await pubsub.subscribe(keys.RELEASE_EVENTS_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    # Polled with a timeout rather than listen(): a quiet channel must not
+                    # read as a dead connection (the client's socket timeout), and after a
+                    # failover the same object reconnects and subscribes again.
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                           timeout=1.0)
+                        if message is not None and message.get("type") == "message":
                             self.poke()
             except asyncio.CancelledError:
                 raise

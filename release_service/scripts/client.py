@@ -111,9 +111,11 @@ class _SentinelManaged(_HiredisPacking, SentinelManagedConnection):
 _HIREDIS_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _TCP, SSLConnection: _TLS, UnixDomainSocketConnection: _Unix}
 
-# A primary that is gone refuses or drops connections; one whose machine vanished
-# answers nothing: connecting is bounded, and keep-alive finds a dead peer.
+# A primary that is gone refuses or drops connections; one whose machine vanished, or
+# that hangs, answers nothing: every call is bounded (a claim batch takes milliseconds,
+# WAIT's own timeout is far below it), so a request gets its 503, not a hang.
 CONNECT_TIMEOUT = 1.0
+SOCKET_TIMEOUT = 5.0
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -137,7 +139,7 @@ def redis_client(settings: Settings, *, max_connections: int = 64) -> AnyRedis:
         settings.redis_sentinel_master, sentinels_of(settings),
         connection_class=_SentinelManaged,
         max_connections=max_connections, timeout=5, db=db, password=url.password,
-        username=url.username, socket_keepalive=True,
+        username=url.username, socket_timeout=SOCKET_TIMEOUT, socket_keepalive=True,
         socket_connect_timeout=CONNECT_TIMEOUT, retry=_retry(),
         retry_on_error=list(RETRIED), health_check_interval=30)
     return Redis.from_pool(pool)  # closing the client closes the pool and its sentinels
