@@ -91,8 +91,8 @@ class Outcome:
     recover_s: float
     lost_claims: list[str]
     mode: str = "first_come"
-    # From the fault to the first request sent after it that was answered 201 (None:
-    # none was).
+    # From the fault to the first 201 answered to a request sent after it (None: none
+    # was; every claim had its answer before).
     resumed_s: float | None = None
     admitted: int = 0
     admissions_persisted: int = 0
@@ -208,7 +208,7 @@ class Chaos:
             restored = time.monotonic()
             answers = await spike
         acknowledged = {a["claim_id"]: a["code"] for a in answers if a is not None}
-        after = [a["sent"] for a in answers if a is not None and a["sent"] > injected_at]
+        after = [a["answered"] for a in answers if a is not None and a["sent"] > injected_at]
         outcome = await self.count(name, injected, release_id, len(self.people), stock,
                                    acknowledged, restored, mode)
         outcome.resumed_s = round(min(after) - injected_at, 1) if after else None
@@ -287,11 +287,15 @@ class Chaos:
             definition |= {"mode": "queue", "queue": {
                 "admit_factor": 1.5, "max_admit_per_second": max(10, stock * 3 // 4),
                 "token_seconds": 60}}
-        async with session.post(f"{base}/v1/admin/releases", json=definition, headers={
-                "Authorization": f"Bearer {self.settings.admin_token}"}) as response:
-            if response.status != 201:
-                raise RuntimeError(f"release not created: {await response.text()}")
-        return release_id
+        deadline = time.monotonic() + 30
+        while True:  # as an operator's tool would: a 503 (Redis failing over) is retried
+            async with session.post(f"{base}/v1/admin/releases", json=definition, headers={
+                    "Authorization": f"Bearer {self.settings.admin_token}"}) as response:
+                if response.status == 201:
+                    return release_id
+                if response.status != 503 or time.monotonic() > deadline:
+                    raise RuntimeError(f"release not created: {await response.text()}")
+            await asyncio.sleep(0.2)
 
     async def count(self, name: str, injected: str, release_id: str, residents: int,
                     stock: int, acknowledged: dict[str, str], restored: float,
@@ -427,7 +431,7 @@ async def claim(session: aiohttp.ClientSession, base: str, release_id: str, toke
                 if response.status == 201:
                     body = await response.json()
                     return {"claim_id": body["claim_id"], "code": body["code"],
-                            "sent": sent}
+                            "sent": sent, "answered": time.monotonic()}
                 if response.status not in (503, 429):
                     return None  # sold out, or refused for good
         except (TimeoutError, aiohttp.ClientError):
