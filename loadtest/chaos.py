@@ -49,8 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from tqdm import tqdm
 from release_service.core import keys
 from release_service.core.settings import Settings, load_settings, write_settings_file
 from release_service.devtools.seed import seed_users
-from release_service.devtools.stack import Stack
+from release_service.devtools.stack import SENTINEL_FAILOVER_TIMEOUT_MS, Stack
 from release_service.scripts.client import redis_client, reply_hash
 
 BIN = Path(sys.executable).parent / "release-service"
@@ -91,6 +92,8 @@ class Outcome:
     recover_s: float
     lost_claims: list[str]
     mode: str = "first_come"
+    # Claims refused for good, by status and problem code (sold out, ...).
+    refused: dict[str, int] = field(default_factory=dict)
     # From the fault to the first 201 answered to a request sent after it (None: none
     # was; every claim had its answer before).
     resumed_s: float | None = None
@@ -125,6 +128,8 @@ class Chaos:
     # -- processes ---------------------------------------------------------------------
     def setup(self, residents: int) -> None:
         values = self.stack.up()
+        # Every replica in sync and known to every sentinel before the first fault.
+        self.stack.wait_replicated(replicas=self.stack.redis_replicas)
         self.settings: Settings = load_settings(environ={
             f"RELEASE_SERVICE_{k.upper()}": v for k, v in values.items()})
         self.port = free_port()
@@ -208,10 +213,13 @@ class Chaos:
             restored = time.monotonic()
             answers = await spike
         acknowledged = {a["claim_id"]: a["code"] for a in answers if a is not None}
+        refused = dict(REFUSED)
+        REFUSED.clear()
         after = [a["answered"] for a in answers if a is not None and a["sent"] > injected_at]
         outcome = await self.count(name, injected, release_id, len(self.people), stock,
                                    acknowledged, restored, mode)
         outcome.resumed_s = round(min(after) - injected_at, 1) if after else None
+        outcome.refused = refused
         return outcome
 
     def _aof_size(self) -> int:
@@ -228,17 +236,23 @@ class Chaos:
         return node
 
     def make_primary(self, node: str, timeout: float = 30.0) -> None:
-        """Fail over to `node` (the other replicas may not be chosen meanwhile)."""
+        """Fail over to `node` (the sentinels prefer the replica of the lowest priority
+        number), and wait until every replica follows it in sync."""
         if self.primary() == node:
             return
-        others = [n for n in self.stack.redis_nodes if n != node]
         ports = self.stack._ports()
-        for other in others:
-            subprocess.run(["redis-cli", "-p", str(ports[other]), "config", "set",
-                            "replica-priority", "0"], check=True, capture_output=True)
+        node_cli = ["redis-cli", "-p", str(ports[node])]
+        subprocess.run([*node_cli, "config", "set", "replica-priority", "1"], check=True,
+                       capture_output=True)
+        sentinel_cli = ["redis-cli", "-p", str(ports[self.stack.sentinels[0]])]
         try:
-            subprocess.run(["redis-cli", "-p", str(ports[self.stack.sentinels[0]]),
-                            "sentinel", "failover", "release"], check=True,
+            # The sentinels read a replica's priority from its INFO, every ten seconds.
+            deadline = time.monotonic() + timeout
+            while not self._priority_seen(sentinel_cli, self.stack.reach_port(node)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the sentinels never saw {node}'s priority")
+                time.sleep(0.2)
+            subprocess.run([*sentinel_cli, "sentinel", "failover", "release"], check=True,
                            capture_output=True)
             deadline = time.monotonic() + timeout
             while self.primary() != node:
@@ -246,10 +260,22 @@ class Chaos:
                     raise RuntimeError(f"{node} was not promoted within {timeout:.0f} s")
                 time.sleep(0.1)
         finally:
-            for other in others:
-                subprocess.run(["redis-cli", "-p", str(ports[other]), "config", "set",
-                                "replica-priority", "100"], check=False, capture_output=True)
-        self.stack.wait_replicated()
+            subprocess.run([*node_cli, "config", "set", "replica-priority", "100"],
+                           check=True, capture_output=True)
+        self.stack.wait_replicated(replicas=self.stack.redis_replicas)
+        # Sentinel starts no failover of the same primary name within twice the failover
+        # timeout of the last one: the fault must not fall into that pause.
+        time.sleep(2 * SENTINEL_FAILOVER_TIMEOUT_MS / 1000)
+
+    @staticmethod
+    def _priority_seen(sentinel_cli: list[str], port: int) -> bool:
+        out = subprocess.run([*sentinel_cli, "sentinel", "replicas", "release"],
+                             capture_output=True, check=False, text=True).stdout.split("\n")
+        for i, line in enumerate(out):
+            if line == "port" and out[i + 1] == str(port):
+                at = out.index("slave-priority", i)  # this entry's: it comes before the next
+                return out[at + 1] == "1"
+        return False
 
     def lose(self, node: str) -> None:
         """The machine is gone: SIGKILL, and its data folder emptied."""
@@ -433,11 +459,24 @@ async def claim(session: aiohttp.ClientSession, base: str, release_id: str, toke
                     return {"claim_id": body["claim_id"], "code": body["code"],
                             "sent": sent, "answered": time.monotonic()}
                 if response.status not in (503, 429):
-                    return None  # sold out, or refused for good
+                    # sold out, or refused for good
+                    REFUSED[f"{response.status} {await _problem_code(response)}"] += 1
+                    return None
         except (TimeoutError, aiohttp.ClientError):
             pass
         await asyncio.sleep(0.2)
     return None
+
+
+# The final refusals of the claims of the current scenario, by status and problem code.
+REFUSED: Counter[str] = Counter()
+
+
+async def _problem_code(response: aiohttp.ClientResponse) -> str:
+    try:
+        return str((await response.json(content_type=None)).get("code", "?"))
+    except ValueError:
+        return "?"
 
 
 def _kill(*roles: str) -> Callable[[Chaos], None]:
@@ -509,7 +548,7 @@ def _lose_primary(times: int) -> tuple[Callable[[Chaos], None], Callable[[Chaos]
         chaos.wait_promoted(lost[-1])
         for node in lost:
             chaos.stack.start(node)  # empty: a full resync from the new primary
-        chaos.stack.wait_replicated()
+        chaos.stack.wait_replicated(replicas=chaos.stack.redis_replicas)
     return inject, restore
 
 
@@ -534,7 +573,7 @@ def _heal(chaos: Chaos) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the old primary did not become a replica after the heal")
         time.sleep(0.1)
-    chaos.stack.wait_replicated()
+    chaos.stack.wait_replicated(replicas=chaos.stack.redis_replicas)
 
 
 def _lose_replica(chaos: Chaos) -> None:
@@ -546,6 +585,7 @@ def _lose_replica(chaos: Chaos) -> None:
 def _restart_replicas(chaos: Chaos) -> None:
     for node in chaos.stack.redis_nodes:
         chaos.stack.start(node)
+    chaos.stack.wait_replicated(replicas=chaos.stack.redis_replicas)
 
 
 PARTITIONED = "redis-partitioned-primary"

@@ -15,7 +15,8 @@ ARGV: one value per person, 9 fields joined by "\31": claim_id release_id day (Y
       clinic department same_day_clinic per_day per_7_days per_3_months (-1 = no limit)
 
 Reply: a flat array, two values per person, in order:
-       "ok", "" | "banned", until_ms | "already_claimed", "" | "removed", ""
+       "ok", "" | "banned", until_ms | "already_claimed", the claim id reserved before
+       | "removed", ""
        | "limit_reached", "same_day_clinic" | "per_day" | "per_7_days" | "per_3_months"
 ]]
 
@@ -37,7 +38,7 @@ local function reserve(active, ban, a)
   local entries = redis.call('HGETALL', active)
   for i = 2, #entries, 2 do
     local r, d, c, dp, at = string.match(entries[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$')
-    if r == release_id then return 'already_claimed', '' end
+    if r == release_id then return 'already_claimed', entries[i - 1] end
     if d == day then
       counts[2] = counts[2] + 1
       if c == clinic and dp == dept then counts[1] = counts[1] + 1 end

@@ -346,3 +346,29 @@ def _shift(moment: str, seconds: float) -> str:
 
     return (datetime.fromisoformat(moment) + timedelta(seconds=seconds)).isoformat()
 
+
+
+async def test_a_reservation_left_by_a_failed_attempt_does_not_refuse_the_person(
+        api, redis, stack_settings):
+    """An attempt that failed with Redis (reservation made, claim and unreserve failed)
+    leaves a reservation for the release without a claim: once it is older than a claim
+    in flight, the person's next claim removes it and wins (409 already_claimed before)."""
+    release = release_definition([5])
+    await api.create_release(release)
+    person, = residents(stack_settings, 1)
+    now_ms = int(time.time() * 1000)
+    active = keys.person_active_key(person.person_id)
+    day = (datetime.now(UTC) + timedelta(days=7)).strftime("%Y%m%d")
+    left = f"{release['release_id']}|{day}|{release['clinic_id']}|vaccination"
+    await redis.hset(active, "failed-attempt", f"{left}|{now_ms - 60_000}")
+    status, _, body = await api.claim(release["release_id"], person, key="after-failure")
+    assert status == 201, body
+    assert await redis.hget(active, "failed-attempt") is None
+    assert await redis.hget(active, body["claim_id"]) is not None
+    # A fresh one (a twin's claim in flight) is left alone: the person is refused.
+    other = release_definition([5])
+    await api.create_release(other)
+    fresh = f"{other['release_id']}|{day}|{other['clinic_id']}|vaccination"
+    await redis.hset(active, "in-flight", f"{fresh}|{now_ms}")
+    status, _, body = await api.claim(other["release_id"], person)
+    assert (status, body["code"]) == (409, "already_claimed")

@@ -20,7 +20,7 @@ from dataclasses import replace
 import orjson
 from aiohttp import web
 
-from ..core import errors
+from ..core import errors, keys
 from ..core.errors import ReplicasBehind
 from ..core.metrics import claim_result
 from ..gateway.appkeys import (
@@ -44,6 +44,7 @@ from ..releases.catalog import ReleaseView
 from ..releases.store import add_code_block
 from ..scripts.batcher import ONE_BATCH
 from ..scripts.claim import ClaimLimit, ClaimOutcome, ClaimRequest
+from ..scripts.client import reply_text
 from ..scripts.reserve import Reservation, ReserveOutcome
 from .answers import claim_body, local_refusal, refusal
 
@@ -55,6 +56,8 @@ NO_REPLAY = ClaimOutcome("no_replay")  # until a replay-only call says otherwise
 # How often a claim for any slot follows the stock to another visit day (each move
 # re-reserves the person's limits for that day).
 DAY_MOVES = 3
+# A reservation without its claim this old is no twin's in flight (a claim takes ms).
+STALE_RESERVATION_MS = 5000
 
 
 def _idempotency_key(request: web.Request) -> str:
@@ -162,6 +165,10 @@ async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
             break
         await asyncio.sleep(TWIN_WAIT_SECONDS)
         reserved = await _reserve(app, reservation, claim_id)
+    if reserved.status == "already_claimed" and outcome.status != "replay" and \
+            await _stale(app, release_id, reservation.person_id, reserved.detail):
+        await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, reserved.detail))
+        reserved = await _reserve(app, reservation, claim_id)
     if reserved.status != "ok" and outcome.status != "replay":
         error = refusal(reserved.status, reserved.detail, release_id, app[SETTINGS].zone)
         claim_result(error.code).inc()
@@ -180,6 +187,22 @@ async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
             if not keep:  # refused, or failed: the reservation must not count
                 await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, claim_id))
     return outcome
+
+
+async def _stale(app: web.Application, release_id: str, person_id: str,
+                 reserved_claim_id: str) -> bool:
+    """A reservation for this release whose claim the person does not hold there, and too
+    old to be a twin's whose claim is in flight: left by an attempt that failed with Redis
+    (its unreserve failed too)."""
+    if not reserved_claim_id:
+        return False
+    if await app[REDIS].hget(keys.holders_key(release_id), person_id) is not None:
+        return False
+    entry = await app[REDIS].hget(keys.person_active_key(person_id), reserved_claim_id)
+    if entry is None:
+        return True  # gone meanwhile
+    reserved_ms = int(reply_text(entry).rsplit("|", 1)[-1])
+    return app[CATALOG].now_ms() - reserved_ms > STALE_RESERVATION_MS
 
 
 async def _reserve(app: web.Application, reservation: Reservation,

@@ -557,18 +557,41 @@ class Stack:
                              for n in self.sentinels)
         return None if started_before else self.reach_port("redis")
 
-    def wait_replicated(self, timeout: float | None = None) -> None:
-        """Wait until the primary has `min_replicas` replicas online and in sync."""
+    def wait_replicated(self, timeout: float | None = None, replicas: int | None = None
+                        ) -> None:
+        """Wait until the primary has `replicas` (default `min_replicas`) replicas online
+        and in sync, and every sentinel knows them and the other sentinels (they learn
+        of replicas from the primary's INFO, every ten seconds: until then a lost
+        primary has no replica to fail over to)."""
+        wanted = self.min_replicas if replicas is None else replicas
         deadline = time.monotonic() + (timeout or self.ready_timeout)
-        while self.min_replicas:
+        while wanted:
             port = self.primary_port()
-            if port is not None and self._replicas_online(port) >= self.min_replicas:
+            if port is not None and self._replicas_online(port) >= wanted and \
+                    self._sentinels_know(wanted):
                 return
             if time.monotonic() > deadline:
-                raise CommandError(f"the Redis primary has fewer than {self.min_replicas} "
-                                   f"replicas in sync after {self.ready_timeout:.0f} s; see "
-                                   f"{self.logs}")
+                raise CommandError(f"the Redis primary has fewer than {wanted} replicas in "
+                                   f"sync after {self.ready_timeout:.0f} s; see {self.logs}")
             time.sleep(0.1)
+
+    def _sentinels_know(self, replicas: int) -> bool:
+        ports = self._ports()
+        for name in self.sentinels:
+            client = _probe(ports[name])
+            try:
+                reply = client.execute_command("SENTINEL MASTER", SENTINEL_MASTER)
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            fields = dict(zip(reply[::2], reply[1::2], strict=True)) \
+                if isinstance(reply, list) else reply
+            known = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+            if int(known.get("num-slaves", 0)) < replicas or \
+                    int(known.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
+                return False
+        return True
 
     @staticmethod
     def _replicas_online(port: int) -> int:

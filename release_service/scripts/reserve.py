@@ -32,7 +32,8 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class ReserveOutcome:
-    status: str  # ok, banned (detail: until, Unix ms), already_claimed, removed,
+    status: str  # ok, banned (detail: until, Unix ms), already_claimed (detail: the claim
+    #              id reserved before), removed,
     #              limit_reached (detail: which limit)
     detail: str = ""
 
