@@ -424,8 +424,8 @@ class Bench:
         import redis
 
         primary = redis.Redis.from_url(self.settings.redis_url)
-        port, folder = free_port(), self.folder / "replica"
-        folder.mkdir()
+        port = free_port()
+        folder = Path(tempfile.mkdtemp(prefix="replica-", dir=self.folder))
         replica = self.start(redis_binary(), "--bind", "127.0.0.1", "--port", str(port),
                              "--dir", str(folder), "--appendonly", "yes", "--save", "",
                              "--protected-mode", "no", "--replicaof", "127.0.0.1",
