@@ -54,15 +54,22 @@ def test_kubernetes_has_every_role_probes_and_budgets():
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert ("HorizontalPodAutoscaler", "gateway") in kinds
-    assert {n for k, n in kinds if k == "PodDisruptionBudget"} == set(ROLES)
+    assert {n for k, n in kinds if k == "PodDisruptionBudget"} == {*ROLES, "redis",
+                                                                     "redis-sentinel"}
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 def test_kubernetes_settings_are_valid_settings():
     docs = manifests()
-    env = {**next(d for d in docs if d["kind"] == "ConfigMap")["data"],
-           **next(d for d in docs if d["kind"] == "Secret")["stringData"]}
+    env = {**named(docs, "ConfigMap", "release-service-settings")["data"],
+           **named(docs, "Secret", "release-service-secrets")["stringData"]}
     settings = load_settings(env)
     assert settings.kafka_enable_idempotence and settings.kafka_replication_factor == 3
+    assert settings.redis_min_replicas == 1
+    assert settings.redis_sentinel_master == "release"
 
 
 def compose_file() -> dict[str, Any]:
@@ -236,6 +243,60 @@ def test_compose_redis_is_a_primary_two_replicas_and_three_sentinels():
         assert settings.redis_sentinel_master == "release"
         assert settings.redis_min_replicas == 1
         assert set(sentinels) <= set(services[role]["depends_on"])
+
+
+def test_kubernetes_redis_is_a_primary_two_replicas_and_three_sentinels():
+    docs = manifests()
+    namespace = "release-service"
+    redis_ha = named(docs, "ConfigMap", "redis-ha-settings")["data"]
+
+    def members(name: str, port: int) -> list[str]:
+        """The StatefulSet's pod names as the others reach them, checked on the way: 3 pods
+        on 3 machines, a headless Service that names them before they are ready, a
+        budget that keeps 2 up, the script mounted and REDIS_SELF set from the pod."""
+        statefulset = named(docs, "StatefulSet", name)
+        spec = statefulset["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["replicas"] == 3 and spec["selector"]["matchLabels"] == labels
+        anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+        assert anti["requiredDuringSchedulingIgnoredDuringExecution"] == [
+            {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"}]
+        service = named(docs, "Service", spec["serviceName"])["spec"]
+        assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"]
+        assert service["selector"] == labels and service["ports"][0]["port"] == port
+        budget = named(docs, "PodDisruptionBudget", name)["spec"]
+        assert budget["minAvailable"] == 2 and budget["selector"]["matchLabels"] == labels
+        pod = spec["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        suffix = f"{spec['serviceName']}.{namespace}.svc:{port}"
+        assert env["REDIS_SELF"]["value"] == f"$(POD_NAME).{suffix}"
+        assert {"configMapRef": {"name": "redis-ha-settings"}} in container["envFrom"]
+        assert {"name": "scripts", "configMap": {"name": "redis-ha-scripts"}} in pod["volumes"]
+        assert {"name": "scripts", "mountPath": "/redis-ha", "readOnly": True} in \
+            container["volumeMounts"]
+        assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+        assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["data"]
+        return [f"{name}-{i}.{suffix}" for i in range(spec["replicas"])]
+
+    nodes = members("redis", 6379)
+    sentinels = members("redis-sentinel", 26379)
+    data = named(docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
+    assert_durable_data_node(data["command"] + data["args"])
+    sentinel = named(docs, "StatefulSet", "redis-sentinel")
+    assert sentinel["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "sh", "/redis-ha/redis-ha.sh", "sentinel"]
+    assert redis_ha["REDIS_FIRST_PRIMARY"] == nodes[0]
+    assert addresses(redis_ha["REDIS_SENTINELS"]) == addresses(",".join(sentinels))
+    assert redis_ha["SENTINEL_QUORUM"] == "2"
+    script = named(docs, "ConfigMap", "redis-ha-scripts")["data"]["redis-ha.sh"]
+    assert script == REDIS_HA_SCRIPT.read_text()
+    settings = load_settings({**named(docs, "ConfigMap", "release-service-settings")["data"],
+                              **named(docs, "Secret", "release-service-secrets")["stringData"]})
+    assert addresses(settings.redis_sentinels) == addresses(",".join(sentinels))
+    assert settings.redis_sentinel_master == redis_ha["REDIS_MASTER_NAME"]
+    assert settings.redis_min_replicas == 1
 
 
 # -- redis-ha.sh run for real, on loopback --------------------------------------------
