@@ -341,7 +341,7 @@ class RedisHaSet:
                 "SENTINEL_FAILOVER_TIMEOUT_MS": "5000",
                 "SENTINEL_CONFIG": str(self.folder / f"sentinel-{member[-5:]}.conf")}
 
-    def start(self, member: str) -> None:
+    def start(self, member: str, **env: str) -> None:
         port = member.rpartition(":")[2]
         data = self.folder / f"data-{port}"
         data.mkdir(exist_ok=True)
@@ -352,7 +352,8 @@ class RedisHaSet:
             args = ["sentinel"]
         with open(self.folder / f"{port}.log", "ab") as log:
             self.processes[member] = subprocess.Popen(
-                ["sh", str(REDIS_HA_SCRIPT), *args, "--bind", "127.0.0.1"], env=self.env(member),
+                ["sh", str(REDIS_HA_SCRIPT), *args, "--bind", "127.0.0.1"],
+                env={**self.env(member), **env},
                 cwd=data, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         client = self.client(member)
         _until(lambda: client.ping(), f"{member} to answer")
@@ -398,7 +399,9 @@ def redis_ha_set(tmp_path: Path) -> Iterator[RedisHaSet]:
 
 def test_redis_ha_script_fails_over_and_a_restarted_node_follows_the_sentinels(redis_ha_set):
     ha = redis_ha_set
-    for member in ha.nodes + ha.sentinels:
+    # The sentinels first, as when the whole set starts: they answer from their config
+    # (redis-1 is the first primary) and the nodes take their roles from that answer.
+    for member in ha.sentinels + ha.nodes:
         ha.start(member)
     first, *replicas = ha.nodes
     for node in ha.nodes:
@@ -449,3 +452,15 @@ def test_redis_ha_script_fails_over_and_a_restarted_node_follows_the_sentinels(r
         return False
     _until(refused, "the primary to refuse writes", 15)
     assert ha.client(promoted).get("claim") == "kept"
+
+
+def test_redis_ha_script_without_sentinels_falls_back_to_the_first_primary(redis_ha_set):
+    ha = redis_ha_set
+    first, second, _ = ha.nodes
+    started = time.monotonic()
+    for node in (first, second):
+        ha.start(node, REDIS_SENTINEL_WAIT_SECONDS="2")
+        assert "no sentinel answered; first primary" in ha.log(node)
+    assert time.monotonic() - started >= 4  # each waited for the sentinels first
+    assert ha.client(first).info("replication")["role"] == "master"
+    assert ha.client(second).info("replication")["master_port"] == int(first[-5:])

@@ -13,18 +13,23 @@
 #   REDIS_SELF           this member, as the others reach it
 #   SENTINEL_QUORUM, SENTINEL_DOWN_AFTER_MS, SENTINEL_FAILOVER_TIMEOUT_MS (sentinel only)
 #   SENTINEL_CONFIG      the sentinel's config file (default /data/sentinel.conf)
+#   REDIS_SENTINEL_WAIT_SECONDS  how long a data node waits for a sentinel (default 30)
 #
 # The sentinels' word decides the role: a node that restarts after a failover comes back
 # as a replica of the current primary (a promoted replica as the primary), never as
-# whatever it was configured as on its first start. Only when no sentinel answers (the
-# very first start) does REDIS_FIRST_PRIMARY decide.
+# whatever it was configured as on its first start. A data node waits for that word (the
+# whole set may be restarting at once, sentinels too, and a sentinel answers from its
+# kept config as soon as it is up); only when no sentinel answers within
+# REDIS_SENTINEL_WAIT_SECONDS does REDIS_FIRST_PRIMARY decide. So a node restarted after
+# a failover while every sentinel stays down that long may come back in the wrong role.
 set -eu
 
 host_of() { echo "${1%:*}"; }
 port_of() { echo "${1##*:}"; }
 
-# "host port" of the current primary according to the first sentinel that knows it.
-current_primary() {
+# "host port" of the current primary according to the first sentinel that knows it;
+# nothing when none does.
+sentinels_primary() {
   for sentinel in $(echo "$REDIS_SENTINELS" | tr ',' ' '); do
     [ "$sentinel" = "$REDIS_SELF" ] && continue
     answer=$(timeout 3 redis-cli -h "$(host_of "$sentinel")" -p "$(port_of "$sentinel")" \
@@ -37,6 +42,21 @@ current_primary() {
     echo "$host $port"
     return
   done
+}
+
+# The sentinels' answer, asked for up to $1 seconds; else the first primary.
+current_primary() {
+  deadline=$(($(date +%s) + $1))
+  while :; do
+    primary=$(sentinels_primary)
+    if [ -n "$primary" ]; then
+      echo "$primary"
+      return
+    fi
+    [ "$(date +%s)" -lt "$deadline" ] || break
+    sleep 1
+  done
+  echo "redis-ha: no sentinel answered; first primary $REDIS_FIRST_PRIMARY" >&2
   echo "$(host_of "$REDIS_FIRST_PRIMARY") $(port_of "$REDIS_FIRST_PRIMARY")"
 }
 
@@ -53,7 +73,7 @@ role=${1:?usage: redis-ha.sh node [redis-server options...] | redis-ha.sh sentin
 shift
 case "$role" in
   node)
-    primary=$(current_primary)
+    primary=$(current_primary "${REDIS_SENTINEL_WAIT_SECONDS:-30}")
     set -- --port "$(port_of "$REDIS_SELF")" \
       --replica-announce-ip "$(host_of "$REDIS_SELF")" \
       --replica-announce-port "$(port_of "$REDIS_SELF")" "$@"
@@ -70,7 +90,9 @@ case "$role" in
     # then kept across restarts. The settings below take effect on that first start.
     config=${SENTINEL_CONFIG:-/data/sentinel.conf}
     if [ ! -s "$config" ]; then
-      primary=$(current_primary)
+      # Its peers' word if they have one (this sentinel lost its volume), else the first
+      # primary; no waiting, since on the very first start they all start together.
+      primary=$(current_primary 0)
       cat >"$config.tmp" <<EOF
 port $(port_of "$REDIS_SELF")
 sentinel resolve-hostnames yes
