@@ -251,6 +251,8 @@ class LimitsAcrossReleases(OnRedis):
             claim_id, person_id, rid, day, clinic, DEPARTMENT, limits)]))
         expected = model_reservation(self.active[person_id], release)
         assert (reserved.status, reserved.detail) == expected, (reserved, expected)
+        if reserved.status == "already_claimed":  # it names the reservation it found
+            assert reserved.held in {b.claim_id for b in self.active[person_id]}, reserved
         if reserved.status != "ok":
             return
         outcome, = self.run(self.claims(rid, [ClaimRequest(

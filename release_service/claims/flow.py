@@ -166,8 +166,8 @@ async def _reserve_and_claim(app: web.Application, request: ClaimRequest,
         await asyncio.sleep(TWIN_WAIT_SECONDS)
         reserved = await _reserve(app, reservation, claim_id)
     if reserved.status == "already_claimed" and outcome.status != "replay" and \
-            await _stale(app, release_id, reservation.person_id, reserved.detail):
-        await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, reserved.detail))
+            await _stale(app, release_id, reservation.person_id, reserved.held):
+        await app[UNRESERVE].submit(ONE_BATCH, (reservation.person_id, reserved.held))
         reserved = await _reserve(app, reservation, claim_id)
     if reserved.status != "ok" and outcome.status != "replay":
         error = refusal(reserved.status, reserved.detail, release_id, app[SETTINGS].zone)

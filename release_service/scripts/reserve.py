@@ -32,10 +32,10 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class ReserveOutcome:
-    status: str  # ok, banned (detail: until, Unix ms), already_claimed (detail: the claim
-    #              id reserved before), removed,
+    status: str  # ok, banned (detail: until, Unix ms), already_claimed, removed,
     #              limit_reached (detail: which limit)
     detail: str = ""
+    held: str = ""  # already_claimed: the claim id of the reservation found
 
 
 def packed(r: Reservation) -> str:
@@ -78,8 +78,12 @@ class ReserveScript:
 
     @staticmethod
     def _outcomes(reply: list[bytes]) -> list[ReserveOutcome]:
-        return [ReserveOutcome(reply[i].decode(), reply[i + 1].decode())
-                for i in range(0, len(reply), 2)]
+        outcomes = []
+        for i in range(0, len(reply), 2):
+            status, detail = reply[i].decode(), reply[i + 1].decode()
+            outcomes.append(ReserveOutcome(status, held=detail) if status == "already_claimed"
+                            else ReserveOutcome(status, detail))
+        return outcomes
 
     @staticmethod
     def _arguments(batch: Sequence[Reservation]) -> tuple[list[str], list[str]]:
