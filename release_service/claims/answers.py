@@ -17,6 +17,7 @@ from ..core import errors
 from ..core.timefmt import iso
 
 if TYPE_CHECKING:
+    from ..core.settings import Settings
     from ..releases.catalog import ReleaseView
 
 ALREADY_CLAIMED = "this person already holds a claim in this release"
@@ -123,18 +124,20 @@ _REFUSALS: dict[str, Callable[[str, str, Any], errors.ServiceError]] = {
 }
 
 
-def local_refusal(view: ReleaseView, now_ms: int, zone: Any
+def local_refusal(view: ReleaseView, now_ms: int, settings: Settings
                   ) -> tuple[errors.ServiceError, bytes, int | None] | None:
     """The refusal this gateway gives from its release view without asking Redis, with its
     problem document and Retry-After; None when the release is open. During a spike most
     requests get one of these few answers, so each is encoded once per view and status
-    (only the wait before the opening changes by the second)."""
+    (only the wait before the opening changes by the second; the zone, a lookup, is read
+    only to build one)."""
     status = view.status(now_ms)
     if status == "open":
         return None
     answer = view.refusal_answers.get(status)
     if answer is None:
-        error = refusal(LOCAL_STATUS[status], str(view.opens_ms), view.release_id, zone)
+        error = refusal(LOCAL_STATUS[status], str(view.opens_ms), view.release_id,
+                        settings.zone)
         answer = view.refusal_answers[status] = (error, error.body())
     error, body = answer
     if status == "upcoming":

@@ -85,7 +85,7 @@ async def post_claim(request: web.Request) -> web.Response:
     # A keyed request may be the retry of a claim that already won: only the script can
     # tell, so it is never refused locally.
     if not idempotency_key:
-        answer = local_refusal(view, app[CATALOG].now_ms(), app[SETTINGS].zone)
+        answer = local_refusal(view, app[CATALOG].now_ms(), app[SETTINGS])
         if answer is not None:
             refusal, body, retry_after = answer
             claim_result(refusal.code).inc()
