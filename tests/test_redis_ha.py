@@ -16,10 +16,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from support import release_definition
 
 from release_service.core import keys
 from release_service.core.errors import ReplicasBehind
@@ -27,6 +29,9 @@ from release_service.core.settings import Settings, SettingsError, load_settings
 from release_service.devtools.stack import SENTINEL_MASTER, Stack
 from release_service.gateway.middleware import engine_down
 from release_service.releases.catalog import ReleaseCatalog
+from release_service.releases.definition import parse_definition
+from release_service.releases.store import preheat
+from release_service.scripts.claim import ClaimOutcome, ClaimRequest, ClaimScript
 from release_service.scripts.client import check_topology, redis_client
 from release_service.scripts.replicated import ReplicatedScript
 
@@ -107,6 +112,30 @@ async def test_a_write_more_replicas_must_confirm_than_exist_is_not_acknowledged
         assert refused.value.status == 503 and refused.value.retry_after == 1
         # WAIT is no rollback: the write may survive, and a retry finds out.
         assert await redis.get("ha:x") == b"maybe"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_the_replicas_did_not_confirm_answers_its_refusals(ha_stack):
+    """Only a win is in doubt when WAIT falls short: a refusal in the same batch is
+    answered as it is (else its resident gets a 503 and keeps a reservation for a claim
+    that never was)."""
+    redis = redis_client(ha_settings(ha_stack))
+    try:
+        definition = parse_definition(release_definition([1]))
+        assert definition.release_id is not None
+        await preheat(redis, definition, ZoneInfo("Asia/Shanghai"), 0, 16)
+        script = ClaimScript(redis, "a secret", min_replicas=3, replica_timeout_ms=100)
+        won, refused = await script.each(definition.release_id, [
+            ClaimRequest(claim_id=f"c{i}", account_id=f"a{i}", person_id=f"p{i}",
+                         slot_id="s0", idempotency_key=f"k{i}", birth=19950101, sex="F")
+            for i in range(2)])
+        assert isinstance(won, ReplicasBehind) and won.status == 503
+        assert isinstance(refused, ClaimOutcome) and refused.status == "sold_out"
+        with pytest.raises(ReplicasBehind):  # as the standby list and the draw call it
+            await script(definition.release_id, [ClaimRequest(
+                claim_id="c2", account_id="a0", person_id="p0", slot_id="s0",
+                idempotency_key="k0", birth=19950101, sex="F", replay_only=True)])
     finally:
         await redis.aclose()
 

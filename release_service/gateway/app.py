@@ -95,7 +95,8 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     # Claims (admissions, standby hand-overs, lottery winners) and cancellations are told
     # to residents: acknowledged once on this many replicas.
     replicas = (settings.redis_min_replicas, settings.redis_replica_timeout_ms)
-    claims = TickBatcher("claim", ClaimScript(redis, settings.code_secret, *replicas))
+    claim = ClaimScript(redis, settings.code_secret, *replicas)
+    claims = TickBatcher("claim", claim.each)
     persons = ReserveScript(redis, *replicas)
     reservations = TickBatcher("reserve", persons.reserve)
     app[CLAIMS], app[RESERVATIONS], app[RESERVE_SCRIPT] = claims, reservations, persons
@@ -104,9 +105,9 @@ async def scripts_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BOOKINGS] = BookingStore(app[DATABASE], redis, code_keys(settings.code_secret))
     app[RATE_LIMITS] = RateLimits(redis, settings)
     app[WAITING_ROOM] = QueueScripts(redis)
-    app[STANDBY] = StandbyList(redis, ClaimScript(redis, settings.code_secret, *replicas), persons,
+    app[STANDBY] = StandbyList(redis, claim, persons,
                                app[CATALOG], settings.standby_decline_seconds)
-    app[LOTTERY] = Lottery(redis, ClaimScript(redis, settings.code_secret, *replicas), persons,
+    app[LOTTERY] = Lottery(redis, claim, persons,
                            app[CATALOG], settings.code_secret)
     stopping = asyncio.Event()
     background = [

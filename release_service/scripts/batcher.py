@@ -25,7 +25,12 @@ BATCH_SIZE = Histogram("release_redis_batch_size", "Requests sent to Redis in on
 
 
 class TickBatcher(Generic[Req, Out]):
-    def __init__(self, kind: str, run: Callable[[str, Sequence[Req]], Awaitable[list[Out]]],
+    """Requests submitted in one event-loop tick go to `run` together, per key. `run`
+    answers each request with its outcome, or with an exception that fails that request
+    alone; an exception `run` raises fails them all."""
+
+    def __init__(self, kind: str,
+                 run: Callable[[str, Sequence[Req]], Awaitable[Sequence[Out | BaseException]]],
                  max_batch: int = MAX_BATCH) -> None:
         self._run = run
         self._max_batch = max_batch
@@ -61,7 +66,11 @@ class TickBatcher(Generic[Req, Out]):
                     future.set_exception(exc)
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():  # the request may have been cancelled meanwhile
+            if future.done():  # the request may have been cancelled meanwhile
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
                 future.set_result(outcome)
 
     async def drain(self) -> None:

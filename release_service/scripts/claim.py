@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..core import keys
+from ..core.errors import ServiceError
 from .booking_codes import code_keys
 from .client import AnyRedis, reply_text
 from .replicated import ReplicatedScript
@@ -56,6 +57,7 @@ class ClaimOutcome:
 
 
 _WITH_CLAIM = frozenset({"ok", "replay", "already_claimed"})
+_TOLD_AS_WON = frozenset({"ok", "replay"})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -83,6 +85,21 @@ class ClaimScript:
     async def __call__(
         self, release_id: str, requests: Sequence[ClaimRequest]
     ) -> list[ClaimOutcome]:
+        """Every outcome, or ReplicasBehind for the whole batch if it won anything that
+        the replicas did not confirm."""
+        outcomes = []
+        for outcome in await self.each(release_id, requests):
+            if isinstance(outcome, ServiceError):
+                raise outcome
+            outcomes.append(outcome)
+        return outcomes
+
+    async def each(
+        self, release_id: str, requests: Sequence[ClaimRequest]
+    ) -> list[ClaimOutcome | ServiceError]:
+        """Each claim's outcome; in a batch the replicas did not confirm, a win or replay
+        is ReplicasBehind (it may or may not survive a failover) while a refusal stands as
+        it is (it told nobody of a claim, and its reservation must go)."""
         argv: list[str | int] = [release_id, *self._code_keys, len(requests)]
         script_keys = list(release_keys(release_id))
         key_index: dict[str, int] = {}  # a counter shared by claims of the batch: one key
@@ -95,12 +112,14 @@ class ClaimScript:
                     index = key_index[lim.key] = len(script_keys)
                 spec.append(f"{index},{lim.limit},{lim.window_ms}")
             argv.append(packed(r, " ".join(spec)))
-        reply = await self._script(keys=script_keys, args=argv)
-        outcomes = []
+        reply, confirmed = await self._script.call(keys=script_keys, args=argv)
+        outcomes: list[ClaimOutcome | ServiceError] = []
         for i in range(0, len(reply), 2):
             status = reply_text(reply[i])
             payload = reply[i + 1]
-            if status in _WITH_CLAIM:
+            if not confirmed and status in _TOLD_AS_WON:
+                outcomes.append(self._script.behind())
+            elif status in _WITH_CLAIM:
                 outcomes.append(ClaimOutcome(status, orjson.loads(payload)))
             else:
                 outcomes.append(ClaimOutcome(status, None, reply_text(payload)))

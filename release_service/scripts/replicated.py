@@ -1,9 +1,9 @@
 """Script calls whose writes are acknowledged only once they reached `min_replicas`
 replicas: the EVALSHA and a `WAIT min_replicas timeout` go in one pipeline, so on one
 connection (WAIT counts the replicas that have that connection's writes) and in one round
-trip. A batch the replicas did not confirm in time raises `ReplicasBehind`: its writes
-may or may not survive a failover, so nothing in it may be told as done; a retry with the
-same idempotency key finds out which.
+trip. A batch the replicas did not confirm in time raises `ReplicasBehind` (or, through
+`call`, comes back marked unconfirmed): its writes may or may not survive a failover, so
+nothing in it may be told as done; a retry with the same idempotency key finds out which.
 
 What this does not promise (WAIT is no consensus): a write that reached k replicas can
 still be lost if the failover promotes a replica that was not among them, and a write
@@ -31,7 +31,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..core.errors import ReplicasBehind
+from ..core.errors import ReplicasBehind, ServiceError
 from .client import AnyRedis, follow_primary
 
 # A Cluster shard that moved or failed over: its slot map is fetched again and the call
@@ -52,8 +52,20 @@ class ReplicatedScript:
         self._timeout_ms = timeout_ms
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        reply, confirmed = await self.call(keys, args)
+        if not confirmed:
+            raise self.behind()
+        return reply
+
+    def behind(self) -> ServiceError:
+        return ReplicasBehind(f"the write has not reached the {self.min_replicas} "
+                              "replicas it needs; retry with the same Idempotency-Key",
+                              retry_after=1)
+
+    async def call(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, bool]:
+        """The script's reply, and whether its writes reached the replicas in time."""
         if not self.min_replicas:
-            return await self._script(keys=keys, args=args)
+            return await self._script(keys=keys, args=args), True
         if isinstance(self._redis, RedisCluster):
             return await self._on_cluster(self._redis, keys, args)
         for attempt in range(2):
@@ -70,7 +82,7 @@ class ReplicatedScript:
         raise AssertionError("unreachable")
 
     async def _on_cluster(self, redis: RedisCluster, keys: Sequence[Any],
-                          args: Sequence[Any]) -> Any:
+                          args: Sequence[Any]) -> tuple[Any, bool]:
         """The same pair on the shard that owns the keys: redis-py's cluster pipeline
         sends a keyless WAIT elsewhere, so the pair goes to the key's node as one batch on
         one of its connections (as that pipeline does per node)."""
@@ -106,14 +118,12 @@ class ReplicatedScript:
         with contextlib.suppress(RedisError, OSError):  # the next attempt says
             await redis.nodes_manager.initialize()
 
-    async def _confirmed(self, reply: Any, acknowledged: Any) -> Any:
+    async def _confirmed(self, reply: Any, acknowledged: Any) -> tuple[Any, bool]:
         if isinstance(reply, BaseException):
             raise reply
         if isinstance(acknowledged, BaseException):
             raise acknowledged
         if int(acknowledged) < self.min_replicas:
-            await follow_primary(self._redis)
-            raise ReplicasBehind(
-                f"the write reached {acknowledged} of the {self.min_replicas} replicas it "
-                "needs; retry with the same Idempotency-Key", retry_after=1)
-        return reply
+            await follow_primary(self._redis)  # a primary demoted meanwhile answers so too
+            return reply, False
+        return reply, True
